@@ -1,0 +1,196 @@
+"""Deterministic random-weight SD1.x models and ED-LoRAs that fit them.
+
+* :func:`tiny_sd1` — an SD1.x-shaped model small enough for milliseconds per step: the same block layout as
+  SD1.5 (4 levels, 2 res blocks, attention on the first three levels, so 16 cross-attention layers and the
+  SD1.5 diffusers module names) at 32 channels, a 2-layer 64-wide CLIP with the real SD1 tokenizer, and a
+  small VAE.
+* :func:`sd15_unet` / :func:`clip_l` — the full SD1.5 UNet and CLIP-L shapes with random weights, for key
+  maps and module counts.
+* :func:`write_small_sd1_checkpoint` — a checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD1.5:
+  SD1.5's block layout at 320 channels on every level, full CLIP-L and full VAE (about 600 MB in fp16).
+* :func:`make_edlora` — an ED-LoRA for any of these, with LoRA on every attention projection.
+
+Call :func:`devkit.bootstrap.setup_comfy` before importing this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.utils
+
+TINY_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, model_channels=32, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 1, 1, 1],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
+    context_dim=64, num_heads=2, use_temporal_attention=False, use_temporal_resblock=False,
+)
+TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+             "projection_dim": 64}
+SD15_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
+    context_dim=768, num_heads=8, use_temporal_attention=False, use_temporal_resblock=False,
+)
+SMALL_SD1_UNET = {**SD15_UNET, "channel_mult": [1, 1, 1, 1]}
+TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+@torch.no_grad()
+def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
+    """Deterministic init: N(0, std) matrices, unit norms, zero biases (ComfyUI's ops skip initialisation)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in module.named_parameters():
+        if param.dim() >= 2:
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+        elif name.endswith("weight"):
+            param.fill_(1.0)
+        else:
+            param.zero_()
+    return module
+
+
+class _TinySD15(comfy.supported_models.SD15):
+    unet_extra_config = {"num_heads": 2, "num_head_channels": -1}
+
+
+def _patcher(base) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def _unet(config_cls, unet_config: dict, seed: int) -> comfy.model_patcher.ModelPatcher:
+    config = config_cls(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    init_weights(base.diffusion_model, seed)
+    return _patcher(base)
+
+
+def _clip(seed: int, clip_config: dict | None) -> comfy.sd.CLIP:
+    options = {"dtype": torch.float32}
+    if clip_config is not None:
+        options["clip_l_model_config"] = clip_config
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    init_weights(clip.cond_stage_model, seed)
+    # a real CLIP's token embeddings are much larger than its other weights; keep that ratio
+    with torch.no_grad():
+        for name, param in clip.cond_stage_model.named_parameters():
+            if name.endswith("token_embedding.weight"):
+                param.mul_(5.0)
+    return clip
+
+
+def _vae(seed: int, ddconfig: dict) -> comfy.sd.VAE:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = {"params": {"ddconfig": ddconfig, "embed_dim": 4}}
+    module = init_weights(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), seed)
+    return comfy.sd.VAE(sd=module.state_dict(), config=config)
+
+
+def tiny_sd1(seed: int = 0):
+    """``(MODEL, CLIP, VAE)``: a tiny SD1.x-shaped model (16 cross-attention layers), deterministic per seed."""
+    return _unet(_TinySD15, TINY_UNET, seed + 1), _clip(seed + 2, TINY_CLIP), _vae(seed + 3, TINY_VAE)
+
+
+def sd15_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """The full SD1.5 UNet (860 M parameters) with random weights."""
+    return _unet(comfy.supported_models.SD15, SD15_UNET, seed + 1)
+
+
+def clip_l(seed: int = 0) -> comfy.sd.CLIP:
+    """A full-size SD1.x CLIP-L text encoder with random weights."""
+    return _clip(seed + 2, None)
+
+
+def write_small_sd1_checkpoint(path: str, seed: int = 0) -> str:
+    """Write a checkpoint that CheckpointLoaderSimple loads as SD1.5 (SD1.5 layout at 320 channels, fp16)."""
+    model = _unet(comfy.supported_models.SD15, SMALL_SD1_UNET, seed + 1)
+    clip = _clip(seed + 2, None)
+    vae = _vae(seed + 3, SD_VAE)
+    clip_sd = clip.get_sd()
+    vae_sd = vae.get_sd()
+    sd = model.model.state_dict_for_saving(clip_sd, vae_sd)
+    sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    comfy.utils.save_torch_file(sd, path, metadata={"mixofshow.devkit": "small-sd1 random weights"})
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ ED-LoRAs
+
+
+def unet_attention_modules(model) -> list[tuple[str, tuple[int, int]]]:
+    """``(diffusers module name, (out, in))`` of every UNet attention projection of ``model``, in model order."""
+    from mixofshow.edlora.keys import UNET_ATTENTION_PROJECTIONS
+
+    diffusers = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    sd = model.model.diffusion_model.state_dict()
+    out = []
+    for dkey, ldm_key in diffusers.items():
+        module = dkey[: -len(".weight")] if dkey.endswith(".weight") else None
+        if module is None or ".attentions." not in module or ".transformer_blocks." not in module:
+            continue
+        if module.rsplit(".attn", 1)[-1].split(".", 1)[-1] not in UNET_ATTENTION_PROJECTIONS:
+            continue
+        out.append((module, tuple(sd[ldm_key].shape)))
+    return out
+
+
+def text_attention_modules(clip) -> list[tuple[str, tuple[int, int]]]:
+    """``(module name, (out, in))`` of every CLIP self-attention projection, in layer order."""
+    from mixofshow.edlora.keys import TEXT_ATTENTION_PROJECTIONS
+
+    sd = clip.cond_stage_model.state_dict()
+    out = []
+    layer = 0
+    while f"clip_l.transformer.text_model.encoder.layers.{layer}.self_attn.q_proj.weight" in sd:
+        for proj in TEXT_ATTENTION_PROJECTIONS:
+            name = f"text_model.encoder.layers.{layer}.self_attn.{proj}"
+            out.append((name, tuple(sd[f"clip_l.transformer.{name}.weight"].shape)))
+        layer += 1
+    return out
+
+
+def make_edlora(model, clip, words=("<demo1>", "<demo2>"), seed: int = 0, rank: int = 4, layers: int = 16,
+                lora_scale: float = 0.05, name: str = "<memory>", identical_layers: bool = False):
+    """An ED-LoRA with LoRA on every attention projection of ``model`` and ``clip`` and random embeddings.
+
+    ``identical_layers`` repeats one vector over all layers (the single-vector special case).
+    """
+    from mixofshow.edlora.format import EDLoRA, LoRAPair
+    from mixofshow.edlora.apply import text_embedding_width
+
+    generator = torch.Generator().manual_seed(seed)
+    width = text_embedding_width(clip)
+    embeddings = {}
+    for word in words:
+        if identical_layers:
+            vec = torch.randn(1, width, generator=generator) * 0.4
+            embeddings[word] = vec.repeat(layers, 1)
+        else:
+            embeddings[word] = torch.randn(layers, width, generator=generator) * 0.4
+
+    def pairs(modules):
+        out = {}
+        for module, (out_f, in_f) in modules:
+            down = torch.randn(rank, in_f, generator=generator) * lora_scale
+            up = torch.randn(out_f, rank, generator=generator) * lora_scale
+            out[module] = LoRAPair(down=down, up=up)
+        return out
+
+    return EDLoRA(embeddings=embeddings, unet=pairs(unet_attention_modules(model)) if model is not None else {},
+                  text_encoder=pairs(text_attention_modules(clip)), name=name)

@@ -1,0 +1,109 @@
+"""Applying an ED-LoRA's adapters to ComfyUI's MODEL and CLIP as patches on clones.
+
+ED-LoRA module names are rewritten to their kohya names (:mod:`.keys`) and resolved through ComfyUI's own LoRA
+key maps, so the patches are exactly what core's LoraLoader would build for a kohya file with scale 1:
+``W + strength * up @ down``. Every module must resolve and match the model's weight shape; otherwise the
+file was made for another architecture and loading stops with an error that says so.
+"""
+
+from __future__ import annotations
+
+import comfy.lora
+import torch
+
+from . import keys as edkeys
+from .concepts import ConceptEntry, ConceptSet
+from .format import EDLoRA, EDLoRAError, to_kohya_state_dict
+from .routing import cross_attention_layers, install_layer_routing
+
+
+def _resolve(pairs, namer, key_map: dict, state_shapes: dict, what: str, edlora: EDLoRA) -> dict[str, str]:
+    to_load: dict[str, str] = {}
+    unmatched: list[str] = []
+    for module, pair in pairs.items():
+        kohya = namer(module)
+        model_key = key_map.get(kohya)
+        if model_key is None or model_key not in state_shapes:
+            unmatched.append(module)
+            continue
+        want = tuple(state_shapes[model_key])
+        got = (pair.up.shape[0], pair.down.shape[1], *pair.down.shape[2:])
+        if tuple(got[:2]) != want[:2]:
+            raise EDLoRAError(
+                f"'{edlora.name}': the {what} LoRA for '{module}' has shape {list(got)} but the model's weight is "
+                f"{list(want)}. This ED-LoRA was trained for a different base architecture (Mix-of-Show ED-LoRAs "
+                "are SD1.x; is this an SDXL or SD2 model?)."
+            )
+        to_load[kohya] = model_key
+    if unmatched:
+        raise EDLoRAError(
+            f"'{edlora.name}': {len(unmatched)} of {len(pairs)} {what} LoRA modules do not exist in the connected "
+            f"model (first: '{unmatched[0]}'). The file was trained for a different architecture."
+        )
+    return to_load
+
+
+def _state_shapes(module: torch.nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def text_embedding_width(clip) -> int:
+    """Width of the text encoder's token embeddings (768 for SD1.x CLIP-L)."""
+    for key, shape in _state_shapes(clip.cond_stage_model).items():
+        if key.endswith("token_embedding.weight"):
+            return int(shape[1])
+    raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
+
+
+def edlora_patches(edlora: EDLoRA, model, clip) -> tuple[dict, dict]:
+    """ComfyUI patch dicts ``(unet_patches, clip_patches)`` for ``edlora`` on ``model``/``clip`` (either may be None)."""
+    unet_patches: dict = {}
+    clip_patches: dict = {}
+    kohya_sd = to_kohya_state_dict(edlora)
+    if model is not None and edlora.unet:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        to_load = _resolve(edlora.unet, edkeys.kohya_unet_name, key_map, _state_shapes(model.model), "UNet", edlora)
+        unet_patches = comfy.lora.load_lora(kohya_sd, to_load, log_missing=False)
+    if clip is not None and edlora.text_encoder:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        to_load = _resolve(edlora.text_encoder, edkeys.kohya_text_name, key_map, _state_shapes(clip.cond_stage_model),
+                           "text-encoder", edlora)
+        clip_patches = comfy.lora.load_lora(kohya_sd, to_load, log_missing=False)
+    return unet_patches, clip_patches
+
+
+def check_embeddings_fit(edlora: EDLoRA, model, clip) -> None:
+    """Refuse embeddings whose width or layer count cannot serve this CLIP / UNet."""
+    if clip is not None:
+        width = text_embedding_width(clip)
+        if edlora.width != width:
+            raise EDLoRAError(f"'{edlora.name}': concept embeddings are {edlora.width} wide but the connected text "
+                              f"encoder uses {width}-wide token embeddings (SD1.x CLIP-L is 768).")
+    if model is not None:
+        layers = len(cross_attention_layers(model.get_model_object("diffusion_model")))
+        if edlora.layers not in (1, layers):
+            raise EDLoRAError(f"'{edlora.name}': concept embeddings have {edlora.layers} layer-wise vectors per word "
+                              f"but the connected model has {layers} cross-attention layers.")
+
+
+def load_edlora_into(model, clip, edlora: EDLoRA, unet_strength: float, text_encoder_strength: float,
+                     concepts: ConceptSet | None = None):
+    """Patched clones of ``model`` and ``clip`` plus the extended :class:`ConceptSet`.
+
+    The inputs are never modified. Concept-word clashes and architecture mismatches raise before anything is built.
+    """
+    concepts = (concepts or ConceptSet()).add(ConceptEntry(edlora, unet_strength, text_encoder_strength))
+    check_embeddings_fit(edlora, model, clip)
+    unet_patches, clip_patches = edlora_patches(edlora, model, clip)
+    new_model = None
+    if model is not None:
+        new_model = model.clone()
+        if unet_strength != 0 and unet_patches:
+            new_model.add_patches(unet_patches, unet_strength)
+        install_layer_routing(new_model)
+    new_clip = None
+    if clip is not None:
+        new_clip = clip.clone()
+        if text_encoder_strength != 0 and clip_patches:
+            new_clip.add_patches(clip_patches, text_encoder_strength)
+    return new_model, new_clip, concepts

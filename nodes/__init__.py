@@ -1,0 +1,27 @@
+"""ComfyUI glue: the V3 extension, its node lists and the model folder it registers."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import edlora
+
+EDLORA_EXTENSIONS = {".pth", ".pt", ".bin", ".safetensors", ".sft"}
+
+
+def register_model_folders() -> None:
+    """Register ``models/edloras`` (plus any paths users mapped in extra_model_paths.yaml) for ED-LoRA files."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, "edloras")
+    os.makedirs(default, exist_ok=True)
+    folder_paths.add_model_folder_path("edloras", default, is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths["edloras"]
+    folder_paths.folder_names_and_paths["edloras"] = (paths, set(EDLORA_EXTENSIONS))
+
+
+class MixOfShowExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*edlora.NODES]

@@ -1,0 +1,6 @@
+"""Custom ComfyUI socket types of this pack."""
+
+from comfy_api.latest import io
+
+#: A :class:`edlora.concepts.ConceptSet`: loaded ED-LoRAs, their strengths and concept words.
+Concepts = io.Custom("MOS_CONCEPTS")
