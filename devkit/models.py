@@ -6,8 +6,8 @@
   small VAE.
 * :func:`sd15_unet` / :func:`clip_l` — the full SD1.5 UNet and CLIP-L shapes with random weights, for key
   maps and module counts.
-* :func:`write_small_sd1_checkpoint` — a checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD1.5:
-  SD1.5's block layout at 320 channels on every level, full CLIP-L and full VAE (about 600 MB in fp16).
+* :func:`small_sd1` + :func:`write_checkpoint` — a checkpoint that ComfyUI's CheckpointLoaderSimple detects as
+  SD1.5: SD1.5's block layout at 320 channels on every level, full CLIP-L and full VAE (fp16).
 * :func:`make_edlora` — an ED-LoRA for any of these, with LoRA on every attention projection.
 
 Call :func:`devkit.bootstrap.setup_comfy` before importing this module.
@@ -117,16 +117,17 @@ def clip_l(seed: int = 0) -> comfy.sd.CLIP:
     return _clip(seed + 2, None)
 
 
-def write_small_sd1_checkpoint(path: str, seed: int = 0) -> str:
-    """Write a checkpoint that CheckpointLoaderSimple loads as SD1.5 (SD1.5 layout at 320 channels, fp16)."""
-    model = _unet(comfy.supported_models.SD15, SMALL_SD1_UNET, seed + 1)
-    clip = _clip(seed + 2, None)
-    vae = _vae(seed + 3, SD_VAE)
-    clip_sd = clip.get_sd()
-    vae_sd = vae.get_sd()
-    sd = model.model.state_dict_for_saving(clip_sd, vae_sd)
+def small_sd1(seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` that CheckpointLoaderSimple detects as SD1.5: SD1.5's layout at 320 channels on every
+    level (16 cross-attention layers, SD1.5 module names), full CLIP-L and the full SD VAE."""
+    return _unet(comfy.supported_models.SD15, SMALL_SD1_UNET, seed + 1), _clip(seed + 2, None), _vae(seed + 3, SD_VAE)
+
+
+def write_checkpoint(path: str, model, clip, vae) -> str:
+    """Save MODEL/CLIP/VAE as one fp16 checkpoint in the layout checkpoint loaders read."""
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
     sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    comfy.utils.save_torch_file(sd, path, metadata={"mixofshow.devkit": "small-sd1 random weights"})
+    comfy.utils.save_torch_file(sd, path, metadata={"mixofshow.devkit": "random weights, for tests and the demo"})
     return path
 
 

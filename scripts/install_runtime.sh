@@ -10,7 +10,7 @@ log() { printf '[mixofshow setup] %s\n' "$*" >&2; }
 if [ -n "${COMFYUI_DIR:-}" ]; then
   [ -f "$COMFYUI_DIR/main.py" ] || { log "COMFYUI_DIR=$COMFYUI_DIR has no main.py"; exit 1; }
   PY="${PYTHON:-python3}"
-  "$PY" -m pip install -q -r "$HERE/../requirements.txt" >&2
+  "$PY" -m pip install -q -r "$HERE/../requirements.txt" -r "$HERE/requirements-dev.txt" >&2
   printf 'export COMFYUI_DIR=%s PYTHON=%s\n' "$COMFYUI_DIR" "$(command -v "$PY")"
   exit 0
 fi
@@ -47,11 +47,11 @@ PYEOF
 fi
 
 stamp="$RT/venv/.mixofshow-deps"
-want="$(cat "$HERE/requirements-runtime.lock.txt" "$HERE/../requirements.txt" | sha256sum | cut -c1-16)"
+want="$(cat "$HERE/requirements-runtime.lock.txt" "$HERE/../requirements.txt" "$HERE/requirements-dev.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing torch 2.14.1 / torchvision 0.29.1 and the pinned ComfyUI requirements (about 90 s)"
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
-  "$PY" -m pip install -q -r "$HERE/requirements-runtime.lock.txt" -r "$HERE/../requirements.txt" >&2
+  "$PY" -m pip install -q -r "$HERE/requirements-runtime.lock.txt" -r "$HERE/../requirements.txt" -r "$HERE/requirements-dev.txt" >&2
   echo "$want" > "$stamp"
 fi
 printf 'export COMFYUI_DIR=%s PYTHON=%s\n' "$RT/ComfyUI" "$PY"
