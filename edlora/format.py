@@ -185,7 +185,8 @@ def edlora_from_state(state, name: str = "<memory>") -> EDLoRA:
         state = state["params"]
     sections = ("new_concept_embedding", "text_encoder", "unet")
     if not any(s in state for s in sections):
-        raise EDLoRAError(f"'{name}' is not an ED-LoRA: {_describe_foreign(k for k in state if isinstance(k, str))}")
+        inner = state.get("state_dict") if isinstance(state.get("state_dict"), dict) else state
+        raise EDLoRAError(f"'{name}' is not an ED-LoRA: {_describe_foreign(k for k in inner if isinstance(k, str))}")
     for section in sections:
         value = state.get(section, {})
         if not isinstance(value, dict):
