@@ -19,8 +19,8 @@ def setup_comfy(cpu: bool = True) -> str:
     if path not in sys.path:
         sys.path.insert(0, path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import utils.extra_config  # noqa: F401  (binds ComfyUI's utils package before nodes.py shadows it)
     import comfy.options
+    import utils.extra_config  # noqa: F401  (binds ComfyUI's utils package before nodes.py shadows it)
 
     comfy.options.enable_args_parsing(False)
     from comfy.cli_args import args

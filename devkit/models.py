@@ -15,8 +15,6 @@ Call :func:`devkit.bootstrap.setup_comfy` before importing this module.
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -24,28 +22,74 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
+import torch
 
 TINY_UNET = dict(
-    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-    adm_in_channels=None, in_channels=4, model_channels=32, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 1, 1, 1],
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
-    context_dim=64, num_heads=2, use_temporal_attention=False, use_temporal_resblock=False,
+    use_checkpoint=False,
+    image_size=32,
+    out_channels=4,
+    use_spatial_transformer=True,
+    legacy=False,
+    adm_in_channels=None,
+    in_channels=4,
+    model_channels=32,
+    num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 1, 1, 1],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_middle=1,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    use_linear_in_transformer=False,
+    context_dim=64,
+    num_heads=2,
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
 )
-TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
-             "projection_dim": 64}
+TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2, "projection_dim": 64}
 SD15_UNET = dict(
-    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
-    context_dim=768, num_heads=8, use_temporal_attention=False, use_temporal_resblock=False,
+    use_checkpoint=False,
+    image_size=32,
+    out_channels=4,
+    use_spatial_transformer=True,
+    legacy=False,
+    adm_in_channels=None,
+    in_channels=4,
+    model_channels=320,
+    num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_middle=1,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    use_linear_in_transformer=False,
+    context_dim=768,
+    num_heads=8,
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
 )
 SMALL_SD1_UNET = {**SD15_UNET, "channel_mult": [1, 1, 1, 1]}
-TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+TINY_VAE = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+SD_VAE = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
 
 
 @torch.no_grad()
@@ -67,8 +111,9 @@ class _TinySD15(comfy.supported_models.SD15):
 
 
 def _patcher(base) -> comfy.model_patcher.ModelPatcher:
-    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=comfy.model_management.get_torch_device(), offload_device=comfy.model_management.unet_offload_device()
+    )
 
 
 def _unet(config_cls, unet_config: dict, seed: int) -> comfy.model_patcher.ModelPatcher:
@@ -166,14 +211,23 @@ def text_attention_modules(clip) -> list[tuple[str, tuple[int, int]]]:
     return out
 
 
-def make_edlora(model, clip, words=("<demo1>", "<demo2>"), seed: int = 0, rank: int = 4, layers: int = 16,
-                lora_scale: float = 0.05, name: str = "<memory>", identical_layers: bool = False):
+def make_edlora(
+    model,
+    clip,
+    words=("<demo1>", "<demo2>"),
+    seed: int = 0,
+    rank: int = 4,
+    layers: int = 16,
+    lora_scale: float = 0.05,
+    name: str = "<memory>",
+    identical_layers: bool = False,
+):
     """An ED-LoRA with LoRA on every attention projection of ``model`` and ``clip`` and random embeddings.
 
     ``identical_layers`` repeats one vector over all layers (the single-vector special case).
     """
-    from mixofshow.edlora.format import EDLoRA, LoRAPair
     from mixofshow.edlora.apply import text_embedding_width
+    from mixofshow.edlora.format import EDLoRA, LoRAPair
 
     generator = torch.Generator().manual_seed(seed)
     width = text_embedding_width(clip)
@@ -193,5 +247,9 @@ def make_edlora(model, clip, words=("<demo1>", "<demo2>"), seed: int = 0, rank: 
             out[module] = LoRAPair(down=down, up=up)
         return out
 
-    return EDLoRA(embeddings=embeddings, unet=pairs(unet_attention_modules(model)) if model is not None else {},
-                  text_encoder=pairs(text_attention_modules(clip)), name=name)
+    return EDLoRA(
+        embeddings=embeddings,
+        unet=pairs(unet_attention_modules(model)) if model is not None else {},
+        text_encoder=pairs(text_attention_modules(clip)),
+        name=name,
+    )

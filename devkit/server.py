@@ -51,14 +51,27 @@ class ComfyServer:
         self.log_path = os.path.join(base_dir, "comfyui.log")
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180.0) -> "ComfyServer":
-        command = [self.python, os.path.join(self.comfyui_dir, "main.py"), "--cpu", "--listen", "127.0.0.1",
-                   "--port", str(self.port), "--base-directory", self.base_dir, "--database-url", "sqlite:///:memory:",
-                   "--disable-api-nodes", "--dont-print-server"]
+    def start(self, timeout: float = 180.0) -> ComfyServer:
+        command = [
+            self.python,
+            os.path.join(self.comfyui_dir, "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            self.base_dir,
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-api-nodes",
+            "--dont-print-server",
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

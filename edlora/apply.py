@@ -66,8 +66,9 @@ def edlora_patches(edlora: EDLoRA, model, clip) -> tuple[dict, dict]:
         unet_patches = comfy.lora.load_lora(kohya_sd, to_load, log_missing=False)
     if clip is not None and edlora.text_encoder:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-        to_load = _resolve(edlora.text_encoder, edkeys.kohya_text_name, key_map, _state_shapes(clip.cond_stage_model),
-                           "text-encoder", edlora)
+        to_load = _resolve(
+            edlora.text_encoder, edkeys.kohya_text_name, key_map, _state_shapes(clip.cond_stage_model), "text-encoder", edlora
+        )
         clip_patches = comfy.lora.load_lora(kohya_sd, to_load, log_missing=False)
     return unet_patches, clip_patches
 
@@ -77,17 +78,22 @@ def check_embeddings_fit(edlora: EDLoRA, model, clip) -> None:
     if clip is not None:
         width = text_embedding_width(clip)
         if edlora.width != width:
-            raise EDLoRAError(f"'{edlora.name}': concept embeddings are {edlora.width} wide but the connected text "
-                              f"encoder uses {width}-wide token embeddings (SD1.x CLIP-L is 768).")
+            raise EDLoRAError(
+                f"'{edlora.name}': concept embeddings are {edlora.width} wide but the connected text "
+                f"encoder uses {width}-wide token embeddings (SD1.x CLIP-L is 768)."
+            )
     if model is not None:
         layers = len(cross_attention_layers(model.get_model_object("diffusion_model")))
         if edlora.layers not in (1, layers):
-            raise EDLoRAError(f"'{edlora.name}': concept embeddings have {edlora.layers} layer-wise vectors per word "
-                              f"but the connected model has {layers} cross-attention layers.")
+            raise EDLoRAError(
+                f"'{edlora.name}': concept embeddings have {edlora.layers} layer-wise vectors per word "
+                f"but the connected model has {layers} cross-attention layers."
+            )
 
 
-def load_edlora_into(model, clip, edlora: EDLoRA, unet_strength: float, text_encoder_strength: float,
-                     concepts: ConceptSet | None = None):
+def load_edlora_into(
+    model, clip, edlora: EDLoRA, unet_strength: float, text_encoder_strength: float, concepts: ConceptSet | None = None
+):
     """Patched clones of ``model`` and ``clip`` plus the extended :class:`ConceptSet`.
 
     The inputs are never modified. Concept-word clashes and architecture mismatches raise before anything is built.

@@ -27,7 +27,7 @@ class ConceptEntry:
 class ConceptSet:
     entries: tuple[ConceptEntry, ...] = ()
 
-    def add(self, entry: ConceptEntry) -> "ConceptSet":
+    def add(self, entry: ConceptEntry) -> ConceptSet:
         """A new set with ``entry`` appended; clashing concept words or layer counts are refused by name."""
         owners = self.word_owners()
         for word in entry.edlora.words:
@@ -39,8 +39,10 @@ class ConceptSet:
         if self.entries:
             first = self.entries[0].edlora
             if entry.edlora.width != first.width:
-                raise EDLoRAError(f"'{entry.edlora.name}' has {entry.edlora.width}-wide embeddings but "
-                                  f"'{first.name}' has {first.width}: they were trained for different text encoders.")
+                raise EDLoRAError(
+                    f"'{entry.edlora.name}' has {entry.edlora.width}-wide embeddings but "
+                    f"'{first.name}' has {first.width}: they were trained for different text encoders."
+                )
         return ConceptSet(self.entries + (entry,))
 
     def word_owners(self) -> dict[str, str]:

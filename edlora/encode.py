@@ -27,8 +27,13 @@ def _single_token(clip, word: str) -> int | None:
 
 def choose_stand_ins(clip, prompt_without_words: str, count: int) -> dict[str, int]:
     """``count`` one-token stand-in words whose tokens do not occur in the rest of the prompt: word -> token id."""
-    used = {t[0] for chunks in clip.tokenize(prompt_without_words).values() for chunk in chunks for t in chunk
-            if isinstance(t[0], int)}
+    used = {
+        t[0]
+        for chunks in clip.tokenize(prompt_without_words).values()
+        for chunk in chunks
+        for t in chunk
+        if isinstance(t[0], int)
+    }
     chosen: dict[str, int] = {}
     for candidate in PLACEHOLDER_CANDIDATES:
         if len(chosen) == count:
@@ -37,8 +42,10 @@ def choose_stand_ins(clip, prompt_without_words: str, count: int) -> dict[str, i
         if token is not None and token not in used and token not in chosen.values():
             chosen[candidate] = token
     if len(chosen) < count:
-        raise EDLoRAError(f"Could not find {count} unused one-token stand-ins for the concept words of this prompt "
-                          "with this tokenizer; use fewer distinct concept words in one prompt.")
+        raise EDLoRAError(
+            f"Could not find {count} unused one-token stand-ins for the concept words of this prompt "
+            "with this tokenizer; use fewer distinct concept words in one prompt."
+        )
     return chosen
 
 
@@ -53,7 +60,7 @@ def encode_prompt(clip, concepts: ConceptSet | None, text: str) -> list:
     layers = max(table[w].shape[0] for w in words)
     rest = substitute_words(text, {w: "" for w in words})
     stand_ins = choose_stand_ins(clip, rest, len(words))
-    word_to_stand_in = dict(zip(words, stand_ins))
+    word_to_stand_in = dict(zip(words, stand_ins, strict=True))
     vectors_by_token = {stand_ins[s]: table[w] for w, s in word_to_stand_in.items()}
 
     tokens = clip.tokenize(substitute_words(text, word_to_stand_in))
@@ -72,4 +79,3 @@ def encoded_layer_count(conditioning: list) -> int:
         if stack is not None:
             return int(stack.shape[1])
     return 0
-

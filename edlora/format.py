@@ -195,7 +195,9 @@ def edlora_from_state(state, name: str = "<memory>") -> EDLoRA:
     unet = _pair_up(state.get("unet", {}), "unet", name)
     text = _pair_up(state.get("text_encoder", {}), "text_encoder", name)
     if not embeddings:
-        raise EDLoRAError(f"'{name}' has no concept embeddings ('new_concept_embedding' is empty), so no concept word can be prompted.")
+        raise EDLoRAError(
+            f"'{name}' has no concept embeddings ('new_concept_embedding' is empty), so no concept word can be prompted."
+        )
     return EDLoRA(embeddings=embeddings, unet=unet, text_encoder=text, name=name)
 
 
@@ -222,8 +224,10 @@ def _pair_up(raw: dict, section: str, name: str) -> dict[str, LoRAPair]:
     for key, tensor in raw.items():
         split = edkeys.split_lora_key(key) if isinstance(key, str) else None
         if split is None:
-            raise EDLoRAError(f"'{name}': '{section}' holds '{key}', which is not a LoRA tensor key (expected "
-                              "'<module>.lora_down.weight' or '<module>_lora.down.weight' and their 'up' forms).")
+            raise EDLoRAError(
+                f"'{name}': '{section}' holds '{key}', which is not a LoRA tensor key (expected "
+                "'<module>.lora_down.weight' or '<module>_lora.down.weight' and their 'up' forms)."
+            )
         if not torch.is_tensor(tensor) or not tensor.is_floating_point():
             raise EDLoRAError(f"'{name}': '{section}.{key}' is not a float tensor.")
         module, part = split
@@ -237,8 +241,10 @@ def _pair_up(raw: dict, section: str, name: str) -> dict[str, LoRAPair]:
             raise EDLoRAError(f"'{name}': '{section}' module '{module}' has no lora {missing} tensor.")
         down, up = pp["down"], pp["up"]
         if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
-            raise EDLoRAError(f"'{name}': '{section}' module '{module}' has mismatched LoRA shapes "
-                              f"down {tuple(down.shape)} / up {tuple(up.shape)}.")
+            raise EDLoRAError(
+                f"'{name}': '{section}' module '{module}' has mismatched LoRA shapes "
+                f"down {tuple(down.shape)} / up {tuple(up.shape)}."
+            )
         pairs[module] = LoRAPair(down=down.detach().contiguous(), up=up.detach().contiguous())
     return pairs
 

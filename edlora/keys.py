@@ -17,7 +17,9 @@ _SUFFIXES = {
     "_lora.down.weight": "down",
     "_lora.up.weight": "up",
 }
-_SUFFIX_RE = re.compile(r"^(?P<module>.+?)(?P<suffix>\.lora_down\.weight|\.lora_up\.weight|_lora\.down\.weight|_lora\.up\.weight)$")
+_SUFFIX_RE = re.compile(
+    r"^(?P<module>.+?)(?P<suffix>\.lora_down\.weight|\.lora_up\.weight|_lora\.down\.weight|_lora\.up\.weight)$"
+)
 
 #: The modules the original trains: q/k/v/out of every UNet attention (self and cross) and of every
 #: CLIP self-attention. 16 transformer blocks x 2 attentions x 4 = 128 UNet and 12 x 4 = 48 text

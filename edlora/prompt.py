@@ -16,12 +16,70 @@ from .format import CONCEPT_WORD_RE, EDLoRAError
 #: Words the SD1.x/SDXL CLIP tokenizers encode as one token each; used as stand-ins for concept words while
 #: tokenizing. Any that also occur in the user's own text are skipped, so a stand-in is never ambiguous.
 PLACEHOLDER_CANDIDATES = (
-    "zebra", "walrus", "iguana", "tapir", "lemur", "otter", "badger", "ferret", "falcon", "pelican", "toucan",
-    "gecko", "lobster", "oyster", "beetle", "hornet", "salmon", "trout", "cobra", "python", "bison", "moose",
-    "camel", "llama", "panda", "koala", "hippo", "rhino", "jaguar", "puma", "hyena", "raven", "parrot", "penguin",
-    "squid", "shrimp", "turtle", "donkey", "goose", "swan", "owl", "crab", "frog", "toad", "wolf", "fox", "bear",
-    "deer", "goat", "sheep", "horse", "mouse", "rabbit", "tiger", "lion", "eagle", "shark", "whale", "snail",
-    "spider", "monkey", "duck", "pig", "cow",
+    "zebra",
+    "walrus",
+    "iguana",
+    "tapir",
+    "lemur",
+    "otter",
+    "badger",
+    "ferret",
+    "falcon",
+    "pelican",
+    "toucan",
+    "gecko",
+    "lobster",
+    "oyster",
+    "beetle",
+    "hornet",
+    "salmon",
+    "trout",
+    "cobra",
+    "python",
+    "bison",
+    "moose",
+    "camel",
+    "llama",
+    "panda",
+    "koala",
+    "hippo",
+    "rhino",
+    "jaguar",
+    "puma",
+    "hyena",
+    "raven",
+    "parrot",
+    "penguin",
+    "squid",
+    "shrimp",
+    "turtle",
+    "donkey",
+    "goose",
+    "swan",
+    "owl",
+    "crab",
+    "frog",
+    "toad",
+    "wolf",
+    "fox",
+    "bear",
+    "deer",
+    "goat",
+    "sheep",
+    "horse",
+    "mouse",
+    "rabbit",
+    "tiger",
+    "lion",
+    "eagle",
+    "shark",
+    "whale",
+    "snail",
+    "spider",
+    "monkey",
+    "duck",
+    "pig",
+    "cow",
 )
 
 
@@ -39,7 +97,9 @@ def check_known_words(prompt: str, known: list[str], where: str = "prompt") -> l
     unknown = [w for w in words if w not in known]
     if unknown:
         listing = ", ".join(known) if known else "none (connect an MoS ED-LoRA Loader's CONCEPTS output)"
-        raise EDLoRAError(f"Unknown concept word {', '.join(unknown)} in the {where} {prompt!r}. Loaded concept words: {listing}.")
+        raise EDLoRAError(
+            f"Unknown concept word {', '.join(unknown)} in the {where} {prompt!r}. Loaded concept words: {listing}."
+        )
     return words
 
 

@@ -153,8 +153,8 @@ def install_layer_routing(model_patcher) -> int:
     if is_routed(model_patcher):
         return len(layer_keys)
     model_patcher.set_model_attn2_patch(LayerContextRouter(layer_keys))
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                       _move_stack_to_transformer_options)
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
-                                       _fill_missing_stacks)
+    model_patcher.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _move_stack_to_transformer_options
+    )
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _fill_missing_stacks)
     return len(layer_keys)

@@ -22,8 +22,10 @@ def edlora_path(name: str) -> str:
     """Full path of an ED-LoRA listed in models/edloras; an unknown name is an error naming it."""
     path = folder_paths.get_full_path("edloras", name)
     if path is None:
-        raise EDLoRAError(f"ED-LoRA '{name}' is not in models/edloras (folders searched: "
-                          f"{', '.join(folder_paths.get_folder_paths('edloras'))}).")
+        raise EDLoRAError(
+            f"ED-LoRA '{name}' is not in models/edloras (folders searched: "
+            f"{', '.join(folder_paths.get_folder_paths('edloras'))})."
+        )
     return path
 
 
@@ -50,14 +52,30 @@ class EDLoRALoader(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x model to patch (the input itself is never modified)."),
                 io.Clip.Input("clip", tooltip="The matching CLIP text encoder."),
-                io.Combo.Input("edlora_name", options=folder_paths.get_filename_list("edloras"),
-                               tooltip="An ED-LoRA file from models/edloras (.pth or .safetensors)."),
-                io.Float.Input("unet_strength", default=0.7, min=-10.0, max=10.0, step=0.01,
-                               tooltip="LoRA strength on the UNet; 0.7 is Mix-of-Show's sampling default, 0 means embeddings only."),
-                io.Float.Input("text_encoder_strength", default=0.7, min=-10.0, max=10.0, step=0.01,
-                               tooltip="LoRA strength on the text encoder; 0.7 is Mix-of-Show's sampling default."),
-                Concepts.Input("concepts", optional=True,
-                               tooltip="CONCEPTS from a previous MoS ED-LoRA Loader, to chain several concepts."),
+                io.Combo.Input(
+                    "edlora_name",
+                    options=folder_paths.get_filename_list("edloras"),
+                    tooltip="An ED-LoRA file from models/edloras (.pth or .safetensors).",
+                ),
+                io.Float.Input(
+                    "unet_strength",
+                    default=0.7,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="LoRA strength on the UNet; 0.7 is Mix-of-Show's sampling default, 0 means embeddings only.",
+                ),
+                io.Float.Input(
+                    "text_encoder_strength",
+                    default=0.7,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="LoRA strength on the text encoder; 0.7 is Mix-of-Show's sampling default.",
+                ),
+                Concepts.Input(
+                    "concepts", optional=True, tooltip="CONCEPTS from a previous MoS ED-LoRA Loader, to chain several concepts."
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="A patched clone with layer-wise prompt routing."),
@@ -75,8 +93,14 @@ class EDLoRALoader(io.ComfyNode):
     def execute(cls, model, clip, edlora_name, unet_strength, text_encoder_strength, concepts=None) -> io.NodeOutput:
         edlora = load_edlora(edlora_path(edlora_name), name=edlora_name)
         new_model, new_clip, new_concepts = load_edlora_into(model, clip, edlora, unet_strength, text_encoder_strength, concepts)
-        log.info("Loaded ED-LoRA %s: concept %s, %d UNet and %d text-encoder LoRA modules, %d layer-wise vectors per word",
-                 edlora_name, edlora.concept_name, len(edlora.unet), len(edlora.text_encoder), edlora.layers)
+        log.info(
+            "Loaded ED-LoRA %s: concept %s, %d UNet and %d text-encoder LoRA modules, %d layer-wise vectors per word",
+            edlora_name,
+            edlora.concept_name,
+            len(edlora.unet),
+            len(edlora.text_encoder),
+            edlora.layers,
+        )
         return io.NodeOutput(new_model, new_clip, new_concepts)
 
 
@@ -95,8 +119,12 @@ class TextEncode(io.ComfyNode):
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP from MoS ED-LoRA Loader."),
-                io.String.Input("text", multiline=True, dynamic_prompts=True,
-                                tooltip="The prompt; concept words are written in angle brackets, like <potter1>."),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    tooltip="The prompt; concept words are written in angle brackets, like <potter1>.",
+                ),
                 Concepts.Input("concepts", optional=True, tooltip="CONCEPTS from MoS ED-LoRA Loader."),
             ],
             outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
@@ -121,8 +149,11 @@ def convert_edlora_file(source: str, target: str, destination: str) -> str:
     """Convert the ED-LoRA at ``source`` to ``target`` (a key of :data:`CONVERT_TARGETS`) at ``destination``."""
     edlora = load_edlora(source)
     if target.startswith("kohya"):
-        metadata = {"ss_network_module": "networks.lora", "mixofshow.source": os.path.basename(source),
-                    "mixofshow.note": f"converted from an ED-LoRA; concept words {edlora.concept_name} are not included"}
+        metadata = {
+            "ss_network_module": "networks.lora",
+            "mixofshow.source": os.path.basename(source),
+            "mixofshow.note": f"converted from an ED-LoRA; concept words {edlora.concept_name} are not included",
+        }
         return write_safetensors(to_kohya_state_dict(edlora), metadata, destination)
     spelling = "research" if "research" in target else "main"
     return save_edlora(edlora, destination, spelling=spelling)
@@ -141,12 +172,13 @@ class ConvertEDLoRA(io.ComfyNode):
                 "only the weights: the layer-wise concept embeddings do not carry over."
             ),
             inputs=[
-                io.Combo.Input("edlora_name", options=folder_paths.get_filename_list("edloras"),
-                               tooltip="The ED-LoRA to convert."),
-                io.Combo.Input("target", options=list(CONVERT_TARGETS), default="safetensors (this pack)",
-                               tooltip="Output format."),
-                io.String.Input("output_name", default="",
-                                tooltip="File name without extension; empty means the input's name."),
+                io.Combo.Input(
+                    "edlora_name", options=folder_paths.get_filename_list("edloras"), tooltip="The ED-LoRA to convert."
+                ),
+                io.Combo.Input(
+                    "target", options=list(CONVERT_TARGETS), default="safetensors (this pack)", tooltip="Output format."
+                ),
+                io.String.Input("output_name", default="", tooltip="File name without extension; empty means the input's name."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the converted file was written.")],
@@ -171,8 +203,9 @@ class ConvertEDLoRA(io.ComfyNode):
         path = convert_edlora_file(source, target, destination)
         message = f"Wrote {path}"
         if target.startswith("kohya"):
-            warning = ("the layer-wise concept embeddings do not carry over to a kohya LoRA; prompts must describe "
-                       "the concept in words")
+            warning = (
+                "the layer-wise concept embeddings do not carry over to a kohya LoRA; prompts must describe the concept in words"
+            )
             log.warning("MoS Convert ED-LoRA: %s (%s)", warning, edlora_name)
             message += f"\nWarning: {warning}."
         return io.NodeOutput(path, ui=ui.PreviewText(message))

@@ -55,8 +55,11 @@ def link_user_file(path: str, folder: str, base_dir: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-dir", default=os.environ.get("MOS_DEMO_DIR") or os.path.join(
-        os.path.expanduser(os.environ.get("MOS_RUNTIME", "~/.cache/mixofshow-runtime")), "demo"))
+    parser.add_argument(
+        "--base-dir",
+        default=os.environ.get("MOS_DEMO_DIR")
+        or os.path.join(os.path.expanduser(os.environ.get("MOS_RUNTIME", "~/.cache/mixofshow-runtime")), "demo"),
+    )
     parser.add_argument("--ckpt", default=os.environ.get("CKPT") or None)
     parser.add_argument("--edlora", default=os.environ.get("EDLORA") or None)
     parser.add_argument("--prompt", default=os.environ.get("PROMPT") or None)

@@ -7,13 +7,21 @@ import os
 import comfy.lora
 import pytest
 import torch
+
 from mixofshow.devkit.models import make_edlora
 from mixofshow.edlora.format import EDLoRAError, LoRAPair, load_edlora, save_edlora
 from mixofshow.edlora.routing import LAYER_CONTEXT_KEY, LayerContextRouter, cross_attention_layers, layer_stack_of
 from mixofshow.nodes.edlora import ConvertEDLoRA, EDLoRALoader, TextEncode
 
-SD15_LAYER_ORDER = [("input", 1, 0), ("input", 2, 0), ("input", 4, 0), ("input", 5, 0), ("input", 7, 0), ("input", 8, 0),
-                    ("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)]
+SD15_LAYER_ORDER = [
+    ("input", 1, 0),
+    ("input", 2, 0),
+    ("input", 4, 0),
+    ("input", 5, 0),
+    ("input", 7, 0),
+    ("input", 8, 0),
+    ("middle", 0, 0),
+] + [("output", i, 0) for i in range(3, 12)]
 NEGATIVE = "lowres, bad anatomy"
 
 
@@ -24,8 +32,9 @@ def write_edlora(directory, model, clip, filename, **kwargs):
 
 
 def load(model, clip, name, concepts=None, unet=0.7, text=0.7):
-    out = EDLoRALoader.execute(model=model, clip=clip, edlora_name=name, unet_strength=unet,
-                               text_encoder_strength=text, concepts=concepts)
+    out = EDLoRALoader.execute(
+        model=model, clip=clip, edlora_name=name, unet_strength=unet, text_encoder_strength=text, concepts=concepts
+    )
     return out.args
 
 
@@ -63,8 +72,10 @@ def test_loader_patches_clones_with_strength_times_up_down(tiny, loaded):
     base = model.model.state_dict()[key].float()
     patched = comfy.lora.calculate_weight(new_model.patches[key], base.clone(), key)
     assert torch.allclose(patched, base + 0.7 * edlora.unet[module].delta(), atol=1e-6)
-    assert not any(isinstance(p, LayerContextRouter) for p in model.model_options.get("transformer_options", {})
-                   .get("patches", {}).get("attn2_patch", []))
+    assert not any(
+        isinstance(p, LayerContextRouter)
+        for p in model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
+    )
 
 
 def test_full_sd15_all_176_modules_patched(sd15, tmp_path, edloras_dir):
@@ -86,8 +97,11 @@ def test_sdxl_shaped_lora_is_refused_by_name(tiny, edloras_dir):
         if ".attn2.to_k" in module or ".attn2.to_v" in module:
             edlora.unet[module] = LoRAPair(torch.zeros(4, 2048), pair.up)
     save_edlora(edlora, str(edloras_dir / "sdxl_concept.pth"))
-    with pytest.raises(EDLoRAError, match=r"'sdxl_concept.pth': the UNet LoRA for '.*attn2.to_[kv]' has shape \[32, 2048\] "
-                                          r"but the model's weight is \[32, 64\].*different base architecture"):
+    with pytest.raises(
+        EDLoRAError,
+        match=r"'sdxl_concept.pth': the UNet LoRA for '.*attn2.to_[kv]' has shape \[32, 2048\] "
+        r"but the model's weight is \[32, 64\].*different base architecture",
+    ):
         load(model, clip, "sdxl_concept.pth")
 
 
@@ -168,8 +182,12 @@ def test_layer_variants_match_core_textual_inversion_per_layer(loaded, tmp_path,
         for layer in range(16):
             for word, table in edlora.embeddings.items():
                 name = f"{word.strip('<>')}_layer{layer}"
-                safetensors.torch.save_file({"emb_params": table[layer:layer + 1].clone()}, str(tmp_path / f"{name}.safetensors"))
-            core_prompt = prompt.replace("<demo1>", f"embedding:demo1_layer{layer}").replace("<demo2>", f"embedding:demo2_layer{layer}")
+                safetensors.torch.save_file(
+                    {"emb_params": table[layer : layer + 1].clone()}, str(tmp_path / f"{name}.safetensors")
+                )
+            core_prompt = prompt.replace("<demo1>", f"embedding:demo1_layer{layer}").replace(
+                "<demo2>", f"embedding:demo2_layer{layer}"
+            )
             core = comfy_nodes.CLIPTextEncode().encode(clip, core_prompt)[0][0][0]
             assert torch.allclose(stack[0, layer], core, atol=1e-5), f"layer {layer}"
     finally:
@@ -186,12 +204,15 @@ class AttentionRecorder:
         from mixofshow.edlora.routing import cross_attention_modules
 
         self.calls: list[tuple[int, torch.Tensor]] = []
-        self.handles = [attn.to_k.register_forward_pre_hook(self._hook(i))
-                        for i, attn in enumerate(cross_attention_modules(model.get_model_object("diffusion_model")))]
+        self.handles = [
+            attn.to_k.register_forward_pre_hook(self._hook(i))
+            for i, attn in enumerate(cross_attention_modules(model.get_model_object("diffusion_model")))
+        ]
 
     def _hook(self, layer):
         def hook(module, args):
             self.calls.append((layer, args[0].detach().clone()))
+
         return hook
 
     def close(self):
@@ -217,7 +238,9 @@ def test_layer_i_receives_variant_i_and_negative_batches_with_positive(loaded, c
             assert context.shape == (4, 77, 64), "2 latents x (cond + uncond) in a single batch"
             rows_cond = [r for r in context if torch.allclose(r, stack[i], atol=1e-6)]
             rows_uncond = [r for r in context if torch.allclose(r, neg_context, atol=1e-6)]
-            assert len(rows_cond) == 2 and len(rows_uncond) == 2, f"layer {i} got a context that is neither variant {i} nor the negative"
+            assert len(rows_cond) == 2 and len(rows_uncond) == 2, (
+                f"layer {i} got a context that is neither variant {i} nor the negative"
+            )
 
 
 def test_identical_layer_vectors_equal_single_vector_path(tiny, edloras_dir, comfy_nodes):
@@ -238,10 +261,26 @@ def test_identical_layer_vectors_equal_single_vector_path(tiny, edloras_dir, com
 def test_any_sampler_batch_two_and_concepts_matter(loaded, comfy_nodes, sampler, scheduler):
     model, clip, concepts, _ = loaded
     negative = encode(clip, NEGATIVE)
-    with_concepts = sample(comfy_nodes, model, encode(clip, "<demo1> <demo2> at night", concepts), negative,
-                           sampler=sampler, scheduler=scheduler, batch=2, size=72)
-    plain = sample(comfy_nodes, model, encode(clip, "a man at night", concepts), negative,
-                   sampler=sampler, scheduler=scheduler, batch=2, size=72)
+    with_concepts = sample(
+        comfy_nodes,
+        model,
+        encode(clip, "<demo1> <demo2> at night", concepts),
+        negative,
+        sampler=sampler,
+        scheduler=scheduler,
+        batch=2,
+        size=72,
+    )
+    plain = sample(
+        comfy_nodes,
+        model,
+        encode(clip, "a man at night", concepts),
+        negative,
+        sampler=sampler,
+        scheduler=scheduler,
+        batch=2,
+        size=72,
+    )
     assert with_concepts.shape == (2, 4, 9, 9) and torch.isfinite(with_concepts).all()
     assert not torch.allclose(with_concepts, plain)
 
@@ -259,7 +298,9 @@ def test_layer_stack_survives_core_conditioning_nodes(loaded, comfy_nodes):
 def test_converter_node_round_trips_and_kohya_matches_core_lora_loader(tiny, edloras_dir, comfy_nodes):
     model, clip, _ = tiny
     edlora = write_edlora(edloras_dir, model, clip, "orig.pth", seed=12)
-    path = ConvertEDLoRA.execute(edlora_name="orig.pth", target="safetensors (this pack)", output_name="", overwrite=False).args[0]
+    path = ConvertEDLoRA.execute(edlora_name="orig.pth", target="safetensors (this pack)", output_name="", overwrite=False).args[
+        0
+    ]
     assert path.endswith("orig.safetensors")
     again = load_edlora(path)
     assert again.words == edlora.words and all(torch.equal(again.embeddings[w], edlora.embeddings[w]) for w in edlora.words)
@@ -268,8 +309,9 @@ def test_converter_node_round_trips_and_kohya_matches_core_lora_loader(tiny, edl
     with pytest.raises(EDLoRAError, match="must be a plain file name"):
         ConvertEDLoRA.execute(edlora_name="orig.pth", target="safetensors (this pack)", output_name="../x", overwrite=True)
 
-    out = ConvertEDLoRA.execute(edlora_name="orig.pth", target="kohya LoRA (no concept embeddings)", output_name="orig_kohya",
-                                overwrite=False)
+    out = ConvertEDLoRA.execute(
+        edlora_name="orig.pth", target="kohya LoRA (no concept embeddings)", output_name="orig_kohya", overwrite=False
+    )
     assert "do not carry over" in out.ui.as_dict()["text"][0]
     import folder_paths
 
@@ -279,6 +321,9 @@ def test_converter_node_round_trips_and_kohya_matches_core_lora_loader(tiny, edl
     assert set(core_clip.patcher.patches) == set(ours_clip.patcher.patches)
     for key in list(core_model.patches)[:5]:
         base = model.model.state_dict()[key].float()
-        assert torch.allclose(comfy.lora.calculate_weight(core_model.patches[key], base.clone(), key),
-                              comfy.lora.calculate_weight(ours_model.patches[key], base.clone(), key), atol=1e-6)
+        assert torch.allclose(
+            comfy.lora.calculate_weight(core_model.patches[key], base.clone(), key),
+            comfy.lora.calculate_weight(ours_model.patches[key], base.clone(), key),
+            atol=1e-6,
+        )
     assert folder_paths.get_full_path("loras", "orig_kohya.safetensors")

@@ -9,6 +9,7 @@ import zipfile
 import pytest
 import safetensors.torch
 import torch
+
 from mixofshow.edlora import keys
 from mixofshow.edlora.format import (
     EDLoRA,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from mixofshow.edlora.concepts import ConceptEntry, ConceptSet
 from mixofshow.edlora.format import EDLoRA, EDLoRAError
 from mixofshow.edlora.prompt import check_known_words, concept_words_in, layer_variants, substitute_words

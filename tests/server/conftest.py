@@ -1,0 +1,48 @@
+"""One real headless ComfyUI server for the server tests, with generated model files in its models folders."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+DEMO_CKPT = "mos-test-small-sd1.safetensors"
+
+
+@pytest.fixture(scope="session")
+def server_files(tmp_path_factory):
+    """A base directory holding a small SD1.x checkpoint and two ED-LoRAs (original .pth and this pack's safetensors)."""
+    from mixofshow.devkit import models
+    from mixofshow.devkit.server import prepare_base_dir
+    from mixofshow.edlora.format import save_edlora
+
+    base = prepare_base_dir(str(tmp_path_factory.mktemp("comfy-base")))
+    model, clip, vae = models.small_sd1(seed=0)
+    save_edlora(
+        models.make_edlora(model, clip, words=("<potter1>", "<potter2>"), seed=1, name="edlora_potter.pth"),
+        os.path.join(base, "models", "edloras", "edlora_potter.pth"),
+        spelling="research",
+    )
+    save_edlora(
+        models.make_edlora(model, clip, words=("<hermione1>", "<hermione2>"), seed=2, name="edlora_hermione.safetensors"),
+        os.path.join(base, "models", "edloras", "edlora_hermione.safetensors"),
+    )
+    models.write_checkpoint(os.path.join(base, "models", "checkpoints", DEMO_CKPT), model, clip, vae)
+    return base
+
+
+@pytest.fixture(scope="session")
+def server(server_files):
+    from mixofshow.devkit.bootstrap import comfyui_dir
+    from mixofshow.devkit.server import ComfyServer
+
+    comfy = ComfyServer(comfyui_dir(), server_files, python=sys.executable)
+    comfy.start()
+    yield comfy
+    comfy.stop()
+
+
+@pytest.fixture(scope="session")
+def object_info(server):
+    return server.get("/object_info")

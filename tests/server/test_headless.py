@@ -1,0 +1,98 @@
+"""The pack in a real headless ComfyUI: it loads, its nodes are listed, the shipped workflows run."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from mixofshow.devkit.server import ComfyServerError, load_workflow, set_inputs
+from mixofshow.devkit.workflows import check_ui_workflow
+
+from .conftest import DEMO_CKPT
+
+PACK_NODES = {"MoSEDLoRALoader", "MoSTextEncode", "MoSConvertEDLoRA"}
+WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
+
+
+def single_concept_prompt(text=None):
+    prompt = load_workflow("edlora_single_concept.api.json")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
+    set_inputs(prompt, "EmptyLatentImage", width=128, height=192)
+    set_inputs(prompt, "KSampler", steps=3)
+    if text is not None:
+        set_inputs(prompt, "MoSTextEncode", text=text)
+    return prompt
+
+
+def test_pack_imports_without_failure_and_registers_the_folder(server, object_info):
+    log = server.log_text()
+    assert "IMPORT FAILED" not in log, server.log_tail()
+    assert "custom_nodes/mixofshow" in log
+    assert PACK_NODES <= set(object_info)
+    loader = object_info["MoSEDLoRALoader"]
+    assert loader["category"] == "mixofshow/edlora"
+    assert set(loader["input"]["required"]["edlora_name"][1]["options"]) >= {"edlora_potter.pth", "edlora_hermione.safetensors"}
+    assert loader["output"] == ["MODEL", "CLIP", "MOS_CONCEPTS"]
+    assert server.get("/models/edloras") == sorted(server.get("/models/edloras"))
+    for node_id in PACK_NODES:
+        assert object_info[node_id]["description"], f"{node_id} needs a description"
+
+
+def test_every_ui_workflow_matches_the_server(object_info):
+    ui_files = [p for p in glob.glob(os.path.join(WORKFLOWS, "*.json")) if not p.endswith(".api.json")]
+    assert ui_files, "workflows/ must ship UI-format workflows"
+    for path in ui_files:
+        with open(path) as f:
+            workflow = json.load(f)
+        assert check_ui_workflow(workflow, object_info) == [], os.path.basename(path)
+        api_twin = path[: -len(".json")] + ".api.json"
+        assert os.path.exists(api_twin), f"{os.path.basename(path)} needs an API-format twin"
+        with open(api_twin) as f:
+            api = json.load(f)
+        assert sorted(n["type"] for n in workflow["nodes"]) == sorted(n["class_type"] for n in api.values())
+
+
+def test_shipped_single_concept_workflow_renders_an_image(server):
+    entry = server.run(single_concept_prompt())
+    images = server.image_files(entry)
+    assert len(images) == 1 and os.path.getsize(images[0]) > 1000
+    with open(images[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    name = os.path.basename(images[0])
+    png = server.get_bytes(f"/view?filename={name}&subfolder=mixofshow&type=output")
+    assert png[:4] == b"\x89PNG"
+    assert "Loaded ED-LoRA edlora_potter.pth" in server.log_text()
+
+
+def test_two_chained_edloras_over_the_api(server):
+    prompt = single_concept_prompt("<potter1> <potter2> and <hermione1> <hermione2> in the hall")
+    prompt["20"] = {
+        "class_type": "MoSEDLoRALoader",
+        "inputs": {
+            "model": ["2", 0],
+            "clip": ["2", 1],
+            "concepts": ["2", 2],
+            "edlora_name": "edlora_hermione.safetensors",
+            "unet_strength": 0.7,
+            "text_encoder_strength": 0.7,
+        },
+    }
+    prompt["3"]["inputs"].update(clip=["20", 1], concepts=["20", 2])
+    prompt["4"]["inputs"].update(clip=["20", 1])
+    prompt["6"]["inputs"].update(model=["20", 0])
+    assert len(server.image_files(server.run(prompt))) == 1
+
+
+def test_unknown_concept_word_fails_with_its_name(server):
+    with pytest.raises(ComfyServerError, match=r"Unknown concept word <ron1>"):
+        server.run(single_concept_prompt("a <ron1> <potter2>"))
+
+
+def test_missing_file_is_an_error_naming_it(server):
+    prompt = single_concept_prompt()
+    set_inputs(prompt, "MoSEDLoRALoader", edlora_name="not_there.pth")
+    with pytest.raises(ComfyServerError, match=r"ED-LoRA 'not_there.pth' is not in models/edloras"):
+        server.run(prompt)
