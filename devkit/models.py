@@ -180,7 +180,10 @@ def write_checkpoint(path: str, model, clip, vae) -> str:
 
 
 def unet_attention_modules(model) -> list[tuple[str, tuple[int, int]]]:
-    """``(diffusers module name, (out, in))`` of every UNet attention projection of ``model``, in model order."""
+    """``(diffusers module name, (out, in))`` of every UNet attention projection of ``model``, sorted by name.
+
+    Sorted because ComfyUI builds its diffusers key map from sets, whose order changes with Python's hash seed.
+    """
     from mixofshow.edlora.keys import UNET_ATTENTION_PROJECTIONS
 
     diffusers = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
@@ -193,7 +196,7 @@ def unet_attention_modules(model) -> list[tuple[str, tuple[int, int]]]:
         if module.rsplit(".attn", 1)[-1].split(".", 1)[-1] not in UNET_ATTENTION_PROJECTIONS:
             continue
         out.append((module, tuple(sd[ldm_key].shape)))
-    return out
+    return sorted(out)
 
 
 def text_attention_modules(clip) -> list[tuple[str, tuple[int, int]]]:

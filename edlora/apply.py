@@ -55,20 +55,32 @@ def text_embedding_width(clip) -> int:
     raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
 
 
-def edlora_patches(edlora: EDLoRA, model, clip) -> tuple[dict, dict]:
-    """ComfyUI patch dicts ``(unet_patches, clip_patches)`` for ``edlora`` on ``model``/``clip`` (either may be None)."""
-    unet_patches: dict = {}
-    clip_patches: dict = {}
-    kohya_sd = to_kohya_state_dict(edlora)
+def module_keys(edlora: EDLoRA, model, clip) -> tuple[dict[str, str], dict[str, str]]:
+    """``({unet module: model weight key}, {text module: clip weight key})``; mismatches raise like the loader."""
+    unet, text = {}, {}
     if model is not None and edlora.unet:
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         to_load = _resolve(edlora.unet, edkeys.kohya_unet_name, key_map, _state_shapes(model.model), "UNet", edlora)
-        unet_patches = comfy.lora.load_lora(kohya_sd, to_load, log_missing=False)
+        unet = {m: to_load[edkeys.kohya_unet_name(m)] for m in edlora.unet}
     if clip is not None and edlora.text_encoder:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
         to_load = _resolve(
             edlora.text_encoder, edkeys.kohya_text_name, key_map, _state_shapes(clip.cond_stage_model), "text-encoder", edlora
         )
+        text = {m: to_load[edkeys.kohya_text_name(m)] for m in edlora.text_encoder}
+    return unet, text
+
+
+def edlora_patches(edlora: EDLoRA, model, clip) -> tuple[dict, dict]:
+    """ComfyUI patch dicts ``(unet_patches, clip_patches)`` for ``edlora`` on ``model``/``clip`` (either may be None)."""
+    unet_keys, text_keys = module_keys(edlora, model, clip)
+    kohya_sd = to_kohya_state_dict(edlora)
+    unet_patches, clip_patches = {}, {}
+    if unet_keys:
+        to_load = {edkeys.kohya_unet_name(m): key for m, key in unet_keys.items()}
+        unet_patches = comfy.lora.load_lora(kohya_sd, to_load, log_missing=False)
+    if text_keys:
+        to_load = {edkeys.kohya_text_name(m): key for m, key in text_keys.items()}
         clip_patches = comfy.lora.load_lora(kohya_sd, to_load, log_missing=False)
     return unet_patches, clip_patches
 

@@ -8,6 +8,10 @@ a ``[1, layers, tokens, width]`` stack (:func:`.routing.layerwise_conditioning`)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from .concepts import ConceptSet
 from .format import EDLoRAError
 from .prompt import PLACEHOLDER_CANDIDATES, check_known_words, layer_variants, substitute_words
@@ -49,27 +53,58 @@ def choose_stand_ins(clip, prompt_without_words: str, count: int) -> dict[str, i
     return chosen
 
 
-def encode_prompt(clip, concepts: ConceptSet | None, text: str) -> list:
-    """CONDITIONING for ``text``: layer-wise when it names concepts, otherwise exactly CLIPTextEncode's."""
+@dataclass
+class LayerwiseTokens:
+    """A prompt's token lists with concept words expanded into one copy per cross-attention layer."""
+
+    base: dict[str, list[list[tuple]]]  # tokenizer key -> chunks, concept words as their stand-in token ids
+    variants: dict[str, list[list[tuple]]]  # tokenizer key -> layers x chunks, copy-major
+    layers: int
+    chunks: int
+    stand_in_tokens: set[int]
+    end_tokens: dict[str, int]
+
+
+def end_token(clip, key: str) -> int:
+    """The end-of-text token id of tokenizer ``key`` (the first special token after the start token)."""
+    chunk = clip.tokenize("", return_word_ids=True)[key][0]
+    return next(t[0] for t in chunk[1:] if t[2] == 0)
+
+
+def layerwise_tokens(clip, concepts: ConceptSet | None, text: str) -> LayerwiseTokens | None:
+    """Token variants of ``text`` per cross-attention layer, or None when it names no concept words."""
     known = concepts.words if concepts is not None else []
     words = check_known_words(text, known)
     if not words:
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
+        return None
     table = concepts.embedding_table()
     layers = max(table[w].shape[0] for w in words)
     rest = substitute_words(text, {w: "" for w in words})
     stand_ins = choose_stand_ins(clip, rest, len(words))
     word_to_stand_in = dict(zip(words, stand_ins, strict=True))
     vectors_by_token = {stand_ins[s]: table[w] for w, s in word_to_stand_in.items()}
-
     tokens = clip.tokenize(substitute_words(text, word_to_stand_in))
     variants = {key: layer_variants(chunks, vectors_by_token, layers) for key, chunks in tokens.items()}
-    out = clip.encode_from_tokens(variants, return_pooled=True, return_dict=True)
+    chunks = len(next(iter(tokens.values())))
+    return LayerwiseTokens(tokens, variants, layers, chunks, set(vectors_by_token), {key: end_token(clip, key) for key in tokens})
+
+
+def encode_layer_stack(clip, tokens: LayerwiseTokens) -> tuple[torch.Tensor, dict]:
+    """Encode all layer variants in one text-encoder call: ``([1, layers, tokens, width], extra outputs)``."""
+    out = clip.encode_from_tokens(tokens.variants, return_pooled=True, return_dict=True)
     cond = out.pop("cond")
-    stack = cond.reshape(layers, cond.shape[1] // layers, cond.shape[2]).unsqueeze(0)
-    pooled = out.pop("pooled_output")
-    return [layerwise_conditioning(stack, {"pooled_output": pooled, **out})]
+    stack = cond.reshape(tokens.layers, cond.shape[1] // tokens.layers, cond.shape[2]).unsqueeze(0)
+    return stack, out
+
+
+def encode_prompt(clip, concepts: ConceptSet | None, text: str) -> list:
+    """CONDITIONING for ``text``: layer-wise when it names concepts, otherwise exactly CLIPTextEncode's."""
+    tokens = layerwise_tokens(clip, concepts, text)
+    if tokens is None:
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    stack, extra = encode_layer_stack(clip, tokens)
+    pooled = extra.pop("pooled_output")
+    return [layerwise_conditioning(stack, {"pooled_output": pooled, **extra})]
 
 
 def encoded_layer_count(conditioning: list) -> int:

@@ -6,13 +6,13 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import edlora
+from . import edlora, fusion
 
 EDLORA_EXTENSIONS = {".pth", ".pt", ".bin", ".safetensors", ".sft"}
 
 
 def register_model_folders() -> None:
-    """Register ``models/edloras`` (plus any paths users mapped in extra_model_paths.yaml) for ED-LoRA files."""
+    """Register ``models/edloras`` and ``models/mixofshow_fused`` (plus any paths users mapped in extra_model_paths.yaml) for ED-LoRA files."""
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, "edloras")
@@ -20,8 +20,13 @@ def register_model_folders() -> None:
     folder_paths.add_model_folder_path("edloras", default, is_default=True)
     paths, _ = folder_paths.folder_names_and_paths["edloras"]
     folder_paths.folder_names_and_paths["edloras"] = (paths, set(EDLORA_EXTENSIONS))
+    fused_default = os.path.join(folder_paths.models_dir, fusion.FUSED_FOLDER)
+    os.makedirs(fused_default, exist_ok=True)
+    folder_paths.add_model_folder_path(fusion.FUSED_FOLDER, fused_default, is_default=True)
+    fused_paths, _ = folder_paths.folder_names_and_paths[fusion.FUSED_FOLDER]
+    folder_paths.folder_names_and_paths[fusion.FUSED_FOLDER] = (fused_paths, {".safetensors", ".sft", ".pth", ".json"})
 
 
 class MixOfShowExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*edlora.NODES]
+        return [*edlora.NODES, *fusion.NODES]

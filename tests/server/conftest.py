@@ -28,6 +28,10 @@ def server_files(tmp_path_factory):
         models.make_edlora(model, clip, words=("<hermione1>", "<hermione2>"), seed=2, name="edlora_hermione.safetensors"),
         os.path.join(base, "models", "edloras", "edlora_hermione.safetensors"),
     )
+    save_edlora(
+        models.make_edlora(model, clip, words=("<thanos1>", "<thanos2>"), seed=3, name="edlora_thanos.pth"),
+        os.path.join(base, "models", "edloras", "edlora_thanos.pth"),
+    )
     models.write_checkpoint(os.path.join(base, "models", "checkpoints", DEMO_CKPT), model, clip, vae)
     return base
 

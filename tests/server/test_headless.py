@@ -13,7 +13,16 @@ from mixofshow.devkit.workflows import check_ui_workflow
 
 from .conftest import DEMO_CKPT
 
-PACK_NODES = {"MoSEDLoRALoader", "MoSTextEncode", "MoSConvertEDLoRA"}
+PACK_NODES = {
+    "MoSEDLoRALoader",
+    "MoSTextEncode",
+    "MoSConvertEDLoRA",
+    "MoSEDLoRAStack",
+    "MoSGradientFusion",
+    "MoSWeightFusion",
+    "MoSSaveFused",
+    "MoSLoadFused",
+}
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 
 
@@ -96,3 +105,28 @@ def test_missing_file_is_an_error_naming_it(server):
     set_inputs(prompt, "MoSEDLoRALoader", edlora_name="not_there.pth")
     with pytest.raises(ComfyServerError, match=r"ED-LoRA 'not_there.pth' is not in models/edloras"):
         server.run(prompt)
+
+
+def test_shipped_fusion_workflow_fuses_saves_and_samples(server):
+    prompt = load_workflow("gradient_fusion_three_concepts.api.json")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
+    set_inputs(prompt, "MoSGradientFusion", text_encoder_iters=5, unet_iters=3, sample_steps=2, sample_resolution=128)
+    set_inputs(prompt, "EmptyLatentImage", width=192, height=128)
+    set_inputs(prompt, "KSampler", steps=2)
+    entry = server.run(prompt)
+    assert len(server.image_files(entry)) == 1
+    report = " ".join(entry["outputs"]["5"]["text"])
+    assert "cross_attention_kv: 32 layers" in report and "<thanos1> <thanos2>" in report
+    saved = os.path.join(server.base_dir, "models", "mixofshow_fused", "potter+hermione+thanos.safetensors")
+    assert os.path.getsize(saved) > 0
+
+    reload = load_workflow("edlora_single_concept.api.json")
+    set_inputs(reload, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
+    set_inputs(reload, "EmptyLatentImage", width=128, height=128)
+    set_inputs(reload, "KSampler", steps=2)
+    reload["2"] = {
+        "class_type": "MoSLoadFused",
+        "inputs": {"model": ["1", 0], "clip": ["1", 1], "fused_name": "potter+hermione+thanos.safetensors"},
+    }
+    reload["3"]["inputs"]["text"] = "<thanos1> <thanos2> and <potter1> <potter2>"
+    assert len(server.image_files(server.run(reload))) == 1

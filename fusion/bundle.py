@@ -1,0 +1,322 @@
+"""Fused-model bundles: one safetensors file with the fused weights, the concept table and how it was made.
+
+Layout (``format_name = mixofshow.fused``, ``format_version = 1``):
+
+* ``unet.<model key>`` / ``text_encoder.<clip key>``: fused weights, as diffs against the base (``storage = diff``)
+  or as full tensors (``storage = full``, independent of the base they are loaded onto);
+* ``embedding.<i>``: the concept words' ``[layers, width]`` embeddings, words listed in ``concept_words``;
+* optionally ``stats.<stage>.gram.<group>``, ``stats.<stage>.cross.<key>``, ``stats.<stage>.const.<key>``: the Gram
+  statistics that let a later fusion add a concept without re-sampling the others;
+* metadata: ``concepts`` (names, words, source files and hashes, strengths), ``settings``, ``method``, ``report``,
+  ``base_fingerprint``, ``stats_index``.
+
+Also reads the original Mix-of-Show outputs: the research branch's ``combined_model*.pth`` and the main branch's
+diffusers folder with ``new_concept_cfg.json`` (weights read with ``weights_only`` / safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from ..edlora.concepts import ConceptEntry, ConceptSet
+from ..edlora.format import EDLoRA, EDLoRAError, write_safetensors
+from .procedure import FusedModel, StageReport
+from .stats import GramGroup, LayerStats
+
+FORMAT_NAME = "mixofshow.fused"
+FORMAT_VERSION = "1"
+
+
+class FusedFileError(ValueError):
+    pass
+
+
+def save_fused(
+    fused: FusedModel,
+    path: str,
+    base_weights: dict[str, torch.Tensor] | None = None,
+    storage: str = "diff",
+    include_statistics: bool = False,
+    sources: dict[str, dict] | None = None,
+) -> str:
+    """Write ``fused`` to ``path``. ``storage = "full"`` needs ``base_weights`` (the base's effective weights)."""
+    if storage not in ("diff", "full"):
+        raise FusedFileError(f"storage must be 'diff' or 'full', not {storage!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, diffs in (("unet", fused.unet_diffs), ("text_encoder", fused.text_diffs)):
+        for key, diff in diffs.items():
+            value = diff.float()
+            if storage == "full":
+                if base_weights is None or key not in base_weights:
+                    raise FusedFileError(f"storage 'full' needs the base weight of '{key}'")
+                value = base_weights[key].float() + value
+            tensors[f"{prefix}.{key}"] = value.contiguous()
+    words = fused.concepts.words
+    table = fused.concepts.embedding_table()
+    for i, word in enumerate(words):
+        tensors[f"embedding.{i}"] = table[word].contiguous()
+    stats_index = {}
+    if include_statistics:
+        if fused.stats is None:
+            raise FusedFileError(f"this {fused.method} result has no statistics to include (only gradient fusion keeps them).")
+        for stage, stats in fused.stats.items():
+            index = {"groups": {}, "layers": {}}
+            for name, group in stats["groups"].items():
+                tensors[f"stats.{stage}.gram.{name}"] = group.gram.contiguous()
+                index["groups"][name] = group.rows
+            for key, layer in stats["layers"].items():
+                tensors[f"stats.{stage}.cross.{key}"] = layer.cross.contiguous()
+                tensors[f"stats.{stage}.const.{key}"] = layer.const.reshape(1).contiguous()
+                index["layers"][key] = {"group": layer.group, "rows": layer.rows, "concepts": layer.concepts}
+            stats_index[stage] = index
+    sources = sources or {}
+    concepts_meta = [
+        {
+            "name": e.edlora.concept_name,
+            "words": e.edlora.words,
+            "source": e.edlora.name,
+            "sha256": sources.get(e.edlora.name, {}).get("sha256", ""),
+            "unet_strength": e.unet_strength,
+            "text_encoder_strength": e.text_encoder_strength,
+        }
+        for e in fused.concepts.entries
+    ]
+    metadata = {
+        "format_name": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "storage": storage,
+        "method": fused.method,
+        "concept_words": json.dumps(words),
+        "concepts": json.dumps(concepts_meta),
+        "settings": json.dumps(fused.settings),
+        "report": fused.report(),
+        "base_fingerprint": fused.base_fingerprint,
+        "stats_index": json.dumps(stats_index),
+        "drift": json.dumps(fused.drift),
+        "stage_reports": json.dumps({k: vars(v) for k, v in fused.stage_reports.items()}),
+    }
+    return write_safetensors(tensors, metadata, path)
+
+
+def load_fused(path: str, base_weights_fn=None) -> FusedModel:
+    """Read a bundle, or the original's ``combined_model*.pth`` / ``new_concept_cfg.json`` folder.
+
+    ``base_weights_fn(keys) -> {key: tensor}`` gives the base's effective weights; it is needed to turn full
+    tensors into diffs against the model they are loaded onto.
+    """
+    name = os.path.basename(path)
+    if os.path.basename(path) == "new_concept_cfg.json":
+        return _load_diffusers_folder(os.path.dirname(path), base_weights_fn)
+    if not path.lower().endswith((".safetensors", ".sft")):
+        return _load_research_combined(path, base_weights_fn)
+    import safetensors
+
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise FusedFileError(
+            f"'{name}' is not a readable safetensors file (corrupt or truncated?): {str(exc).splitlines()[0]}"
+        ) from None
+    if metadata.get("format_name") != FORMAT_NAME:
+        raise FusedFileError(f"'{name}' is not a Mix-of-Show fused bundle (an ED-LoRA goes to MoS ED-LoRA Loader).")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise FusedFileError(
+            f"'{name}' has fused-bundle version {metadata.get('format_version')!r}; this pack reads {FORMAT_VERSION!r}."
+        )
+    words = json.loads(metadata["concept_words"])
+    embeddings = {w: tensors[f"embedding.{i}"] for i, w in enumerate(words)}
+    concepts = _concept_set(json.loads(metadata.get("concepts", "[]")), embeddings, name)
+    sections = {"unet": {}, "text_encoder": {}}
+    for key, tensor in tensors.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in sections:
+            sections[prefix][rest] = tensor
+    if metadata.get("storage") == "full":
+        sections = {s: _full_to_diff(v, base_weights_fn, name) for s, v in sections.items()}
+    stats = _read_stats(tensors, json.loads(metadata.get("stats_index", "{}")))
+    reports = {k: StageReport(**v) for k, v in json.loads(metadata.get("stage_reports", "{}")).items()}
+    return FusedModel(
+        method=metadata.get("method", "fused"),
+        unet_diffs=sections["unet"],
+        text_diffs=sections["text_encoder"],
+        concepts=concepts,
+        settings=json.loads(metadata.get("settings", "{}")),
+        stage_reports=reports,
+        drift=json.loads(metadata.get("drift", "{}")),
+        stats=stats or None,
+        base_fingerprint=metadata.get("base_fingerprint", ""),
+    )
+
+
+def _concept_set(meta: list[dict], embeddings: dict[str, torch.Tensor], name: str) -> ConceptSet:
+    concepts = ConceptSet()
+    assigned = set()
+    for entry in meta:
+        words = [w for w in entry["words"] if w in embeddings]
+        assigned.update(words)
+        edlora = EDLoRA({w: embeddings[w] for w in words}, {}, {}, name=entry.get("source", name))
+        concepts = concepts.add(
+            ConceptEntry(edlora, float(entry.get("unet_strength", 1.0)), float(entry.get("text_encoder_strength", 1.0)))
+        )
+    rest = [w for w in embeddings if w not in assigned]
+    for stem_words in _group_by_stem(rest):
+        concepts = concepts.add(ConceptEntry(EDLoRA({w: embeddings[w] for w in stem_words}, {}, {}, name=name)))
+    return concepts
+
+
+def _group_by_stem(words: list[str]) -> list[list[str]]:
+    """Consecutive words that differ only in their last character form one concept (``<potter1> <potter2>``)."""
+    groups: list[list[str]] = []
+    for word in words:
+        if groups and len(word) > 3 and groups[-1][-1][:-2] == word[:-2]:
+            groups[-1].append(word)
+        else:
+            groups.append([word])
+    return groups
+
+
+def _full_to_diff(full: dict[str, torch.Tensor], base_weights_fn, name: str) -> dict[str, torch.Tensor]:
+    if not full:
+        return {}
+    if base_weights_fn is None:
+        raise FusedFileError(f"'{name}' stores full weights; connect the base MODEL and CLIP to load it.")
+    base = base_weights_fn(sorted(full))
+    out = {}
+    for key, value in full.items():
+        if tuple(value.shape) != tuple(base[key].shape):
+            raise FusedFileError(
+                f"'{name}': weight '{key}' has shape {list(value.shape)} but the connected model's is "
+                f"{list(base[key].shape)}; it was fused for a different architecture."
+            )
+        out[key] = value.float() - base[key].float()
+    return out
+
+
+def _read_stats(tensors: dict[str, torch.Tensor], index: dict) -> dict:
+    stats = {}
+    for stage, entry in index.items():
+        groups = {g: GramGroup(tensors[f"stats.{stage}.gram.{g}"].to(torch.float64), rows) for g, rows in entry["groups"].items()}
+        layers = {
+            k: LayerStats(
+                v["group"],
+                tensors[f"stats.{stage}.cross.{k}"].to(torch.float64),
+                tensors[f"stats.{stage}.const.{k}"].to(torch.float64).reshape(()),
+                v["rows"],
+                list(v["concepts"]),
+            )
+            for k, v in entry["layers"].items()
+        }
+        stats[stage] = {"groups": groups, "layers": layers}
+    return stats
+
+
+# ------------------------------------------------------------------------------------------ the original's outputs
+
+#: ``(diffusers weight key -> model key, text-encoder weight key -> clip key)`` for the connected base model.
+KeyMaps = tuple[dict[str, str], dict[str, str]]
+
+_ATTENTION_WEIGHT = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q_proj|k_proj|v_proj|out_proj))\.weight$")
+
+
+def _torch_load(path: str, name: str):
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FusedFileError(f"Refused to load '{name}': it contains pickled objects other than tensors.") from None
+    except Exception as exc:
+        raise FusedFileError(
+            f"'{name}' is not a readable PyTorch file (corrupt or truncated?): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _load_research_combined(path: str, base_weights_fn) -> FusedModel:
+    name = os.path.basename(path)
+    state = _torch_load(path, name)
+    if isinstance(state, dict) and set(state) == {"params"}:
+        state = state["params"]
+    if not isinstance(state, dict) or "new_concept_embedding" not in state or not ({"unet", "text_encoder"} & set(state)):
+        raise FusedFileError(
+            f"'{name}' is not a Mix-of-Show combined model (expected params with unet, text_encoder and new_concept_embedding)."
+        )
+    embeddings = {w: t.float() for w, t in state["new_concept_embedding"].items()}
+    return _from_full_weights(
+        state.get("unet", {}),
+        state.get("text_encoder", {}),
+        embeddings,
+        base_weights_fn,
+        name,
+        "imported Mix-of-Show combined model",
+    )
+
+
+def _load_diffusers_folder(folder: str, base_weights_fn) -> FusedModel:
+    import safetensors.torch
+
+    name = os.path.basename(folder.rstrip(os.sep)) or folder
+    with open(os.path.join(folder, "new_concept_cfg.json")) as f:
+        config = json.load(f)
+
+    def read(sub: str, stems: tuple[str, ...]):
+        for stem in stems:
+            for ext in (".safetensors", ".bin"):
+                path = os.path.join(folder, sub, stem + ext)
+                if os.path.exists(path):
+                    return safetensors.torch.load_file(path) if ext == ".safetensors" else _torch_load(path, f"{name}/{sub}")
+        raise FusedFileError(
+            f"'{name}' has no {sub}/{stems[0]}.safetensors (or .bin); is it a Mix-of-Show fused diffusers folder?"
+        )
+
+    unet = read("unet", ("diffusion_pytorch_model",))
+    text = read("text_encoder", ("model", "pytorch_model"))
+    table = text.get("text_model.embeddings.token_embedding.weight")
+    if table is None:
+        raise FusedFileError(f"'{name}': text_encoder has no token embedding table.")
+    embeddings = {}
+    for word, entry in config.items():
+        ids = entry.get("concept_token_ids", [])
+        if not ids or max(ids) >= table.shape[0]:
+            raise FusedFileError(
+                f"'{name}': new_concept_cfg.json lists token ids for {word} that the text encoder does not have."
+            )
+        embeddings[word] = table[ids].float()
+    unet = {k: v for k, v in unet.items() if _ATTENTION_WEIGHT.search(k)}
+    text = {k: v for k, v in text.items() if _ATTENTION_WEIGHT.search(k)}
+    return _from_full_weights(unet, text, embeddings, base_weights_fn, name, "imported Mix-of-Show fused diffusers model")
+
+
+def _from_full_weights(unet: dict, text: dict, embeddings: dict, base_weights_fn, name: str, method: str) -> FusedModel:
+    if base_weights_fn is None:
+        raise FusedFileError(f"'{name}' stores full weights; connect the base MODEL and CLIP to load it.")
+    unet_map, text_map = base_weights_fn.key_maps()
+    mapped_unet, mapped_text = {}, {}
+    for key, value in unet.items():
+        model_key = unet_map.get(key)
+        if model_key is None:
+            raise FusedFileError(f"'{name}': UNet weight '{key}' does not exist in the connected model (not SD1.x?).")
+        mapped_unet[model_key] = value
+    for key, value in text.items():
+        clip_key = text_map.get(key)
+        if clip_key is None:
+            raise FusedFileError(f"'{name}': text-encoder weight '{key}' does not exist in the connected CLIP.")
+        mapped_text[clip_key] = value
+    concepts = ConceptSet()
+    try:
+        for words in _group_by_stem(list(embeddings)):
+            concepts = concepts.add(ConceptEntry(EDLoRA({w: embeddings[w] for w in words}, {}, {}, name=name)))
+    except EDLoRAError as exc:
+        raise FusedFileError(str(exc)) from None
+    return FusedModel(
+        method=method,
+        unet_diffs=_full_to_diff(mapped_unet, base_weights_fn, name),
+        text_diffs=_full_to_diff(mapped_text, base_weights_fn, name),
+        concepts=concepts,
+        settings={"imported_from": name},
+    )

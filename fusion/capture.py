@@ -1,0 +1,112 @@
+"""Streaming capture of layer inputs into Gram statistics with forward hooks.
+
+Layers that read the same input share one :class:`~.stats.GramGroup` (q/k/v of a self-attention, k/v of a
+cross-attention, q/k/v of a CLIP attention); the group is computed once per forward call. A hook checks that
+the members of a group really received the same tensor, so another pack's attention patch that changes those
+inputs stops fusion with a clear error instead of fusing the wrong statistics.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .stats import GramGroup
+
+_SHARED_INPUT = [
+    (re.compile(r"^(?P<base>.*\.attn1)\.to_(q|k|v)\.weight$"), "qkv"),
+    (re.compile(r"^(?P<base>.*\.attn2)\.to_(k|v)\.weight$"), "kv"),
+    (re.compile(r"^(?P<base>.*\.self_attn)\.(q|k|v)_proj\.weight$"), "qkv"),
+]
+
+
+def input_group(key: str) -> str:
+    """The statistics group of a weight key: shared by projections that read the same input."""
+    for pattern, suffix in _SHARED_INPUT:
+        match = pattern.match(key)
+        if match:
+            return f"{match.group('base')}.{suffix}"
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def _call_order(key: str) -> tuple:
+    """Projections of one attention run q, k, v in that order: the first of a group computes its statistics."""
+    for rank, role in enumerate(("to_q.", "q_proj.", "to_k.", "k_proj.", "to_v.", "v_proj.")):
+        if role in key:
+            return (key.rsplit(role, 1)[0], rank // 2)
+    return (key, 0)
+
+
+class FusionCaptureError(RuntimeError):
+    pass
+
+
+class GramCapture:
+    """Context manager: hooks ``root``'s modules named by ``keys`` (weight keys relative to ``root``).
+
+    ``row_mask`` (set by the caller before each forward, ``[batch, tokens]`` bool) selects which rows count; None
+    means every row. Rows are multiplied in ``compute_dtype`` on ``device`` and summed in float64.
+    """
+
+    def __init__(self, root: torch.nn.Module, keys: list[str], device, compute_dtype=torch.float32, prefix: str = ""):
+        self.root = root
+        self.keys = list(keys)
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.prefix = prefix
+        self.groups: dict[str, GramGroup] = {}
+        self.row_mask: torch.Tensor | None = None
+        self._group_of = {key: input_group(key) for key in self.keys}
+        self._owner = {}
+        for key in sorted(self.keys, key=_call_order):
+            self._owner.setdefault(self._group_of[key], key)
+        self._last_input: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> GramCapture:
+        for key in self.keys:
+            path = key[len(self.prefix) :] if key.startswith(self.prefix) else key
+            module = self.root.get_submodule(path[: -len(".weight")])
+            self._handles.append(module.register_forward_pre_hook(self._hook(key)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last_input.clear()
+
+    def reset(self) -> dict[str, GramGroup]:
+        """Return the groups gathered so far and start empty (one concept's statistics)."""
+        groups, self.groups = self.groups, {}
+        self._last_input.clear()
+        return groups
+
+    def _hook(self, key: str):
+        group = self._group_of[key]
+        owner = self._owner[group] == key
+
+        def hook(module, args):
+            x = args[0]
+            if not owner:
+                if self._last_input.get(group) is not x:
+                    raise FusionCaptureError(
+                        f"Gradient fusion expects '{key}' to read the same input as '{self._owner[group]}', but another "
+                        "attention patch changed it. Fuse on a model without other attention patches."
+                    )
+                return None
+            self._last_input[group] = x
+            rows = x.detach()
+            if self.row_mask is not None:
+                mask = self.row_mask.to(rows.device)
+                if rows.shape[:-1] != mask.shape:
+                    raise FusionCaptureError(f"row mask {tuple(mask.shape)} does not fit input {tuple(rows.shape)} of '{key}'")
+                rows = rows[mask]
+            rows = rows.reshape(-1, rows.shape[-1]).to(device=self.device, dtype=self.compute_dtype)
+            if group not in self.groups:
+                self.groups[group] = GramGroup.empty(rows.shape[-1], device=self.device)
+            self.groups[group].add_rows(rows)
+            return None
+
+        return hook

@@ -1,0 +1,345 @@
+"""Fusion nodes: the ED-LoRA stack, gradient fusion, weight fusion, saving and loading fused models."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..edlora.concepts import ConceptEntry, ConceptSet
+from ..edlora.format import load_edlora
+from ..fusion.bundle import FusedFileError, load_fused, save_fused
+from ..fusion.procedure import BaseWeights, FusionError, FusionSettings, fingerprint, gradient_fusion, weight_fusion
+from .edlora import edlora_path, file_sha256
+from .types import Concepts, Fused
+
+FUSED_FOLDER = "mixofshow_fused"
+
+
+def fused_file_list() -> list[str]:
+    names = folder_paths.get_filename_list(FUSED_FOLDER)
+    return [n for n in names if not n.endswith(".json") or os.path.basename(n) == "new_concept_cfg.json"]
+
+
+def _outputs(model, clip, fused):
+    fused_model, fused_clip = fused.apply(model, clip)
+    report = fused.report()
+    return io.NodeOutput(fused_model, fused_clip, fused.concepts, fused, report, ui=ui.PreviewText(report))
+
+
+FUSION_OUTPUTS = [
+    io.Model.Output(
+        display_name="MODEL", tooltip="The base model with the fused weights (patches on a clone) and layer routing."
+    ),
+    io.Clip.Output(display_name="CLIP", tooltip="The base text encoder with the fused weights."),
+    Concepts.Output(display_name="CONCEPTS", tooltip="All fused concept words, for MoS Text Encode."),
+    Fused.Output(display_name="FUSED", tooltip="The fusion result, for MoS Save Fused (and to extend it later)."),
+    io.String.Output(display_name="report", tooltip="Objective per layer group and identity drift per concept."),
+]
+
+
+class EDLoRAStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSEDLoRAStack",
+            display_name="MoS ED-LoRA Stack",
+            category="mixofshow/fusion",
+            description=(
+                "Adds one ED-LoRA with its fusion strengths to a CONCEPTS stack without patching any model. Chain one per "
+                "concept and feed the stack to MoS Gradient Fusion or MoS Weight Fusion."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "edlora_name", options=folder_paths.get_filename_list("edloras"), tooltip="An ED-LoRA from models/edloras."
+                ),
+                io.Float.Input(
+                    "unet_strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Strength of this concept's UNet LoRA in its fusion target (1.0 as in the original).",
+                ),
+                io.Float.Input(
+                    "text_encoder_strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Strength of this concept's text-encoder LoRA in its fusion target.",
+                ),
+                Concepts.Input("concepts", optional=True, tooltip="The stack so far."),
+            ],
+            outputs=[Concepts.Output(display_name="CONCEPTS")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, edlora_name, **kwargs):
+        path = folder_paths.get_full_path("edloras", edlora_name)
+        return file_sha256(path) if path else edlora_name
+
+    @classmethod
+    def execute(cls, edlora_name, unet_strength, text_encoder_strength, concepts=None) -> io.NodeOutput:
+        edlora = load_edlora(edlora_path(edlora_name), name=edlora_name)
+        return io.NodeOutput((concepts or ConceptSet()).add(ConceptEntry(edlora, unet_strength, text_encoder_strength)))
+
+
+class GradientFusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSGradientFusion",
+            display_name="MoS Gradient Fusion",
+            category="mixofshow/fusion",
+            description=(
+                "Fuses many ED-LoRAs into one model without losing their identities (Mix-of-Show gradient fusion): "
+                "text-encoder layers first, then cross-attention K/V with the fused text encoder, then the other UNet "
+                "layers from one sample per concept; each layer is fitted so that it reproduces every concept's own "
+                "outputs. Statistics stream into Gram matrices, so memory does not grow with concepts, steps or resolution."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (without any ED-LoRA applied)."),
+                io.Clip.Input("clip", tooltip="The base text encoder."),
+                Concepts.Input("concepts", tooltip="The ED-LoRAs to fuse, from MoS ED-LoRA Stack."),
+                io.Int.Input(
+                    "text_encoder_iters",
+                    default=500,
+                    min=0,
+                    max=10000,
+                    tooltip="LBFGS iterations per text-encoder and cross-attention K/V layer (500 in the original).",
+                ),
+                io.Int.Input(
+                    "unet_iters",
+                    default=50,
+                    min=0,
+                    max=10000,
+                    tooltip="LBFGS iterations per other UNet layer (50 in the original).",
+                ),
+                io.Int.Input(
+                    "sample_steps",
+                    default=20,
+                    min=1,
+                    max=200,
+                    tooltip="Sampling steps recorded per concept (20 in the original).",
+                ),
+                io.Int.Input(
+                    "sample_resolution",
+                    default=512,
+                    min=64,
+                    max=2048,
+                    step=8,
+                    tooltip="Resolution of the per-concept sample whose UNet features are recorded.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    tooltip="Seed of the per-concept samples; fusion is deterministic.",
+                ),
+                io.Combo.Input(
+                    "solver",
+                    options=["lbfgs", "exact"],
+                    default="lbfgs",
+                    tooltip="lbfgs: the paper's optimiser. exact: the closed-form least-squares solution (faster, slightly lower objective).",
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=["auto", "cpu", "cuda"],
+                    default="auto",
+                    tooltip="Where statistics and solvers run; auto = the GPU when there is one.",
+                ),
+                io.Combo.Input(
+                    "token_positions",
+                    options=["padded", "original"],
+                    default="padded",
+                    tooltip="padded: fit text-encoder and K/V layers on every position of the padded prompt, as ComfyUI "
+                    "encodes it (lower identity drift). original: only real tokens / concept tokens, as the research code.",
+                ),
+                Fused.Input(
+                    "previous",
+                    optional=True,
+                    tooltip="A fusion saved with its statistics: its concepts are not re-sampled, new ones are added.",
+                ),
+            ],
+            outputs=FUSION_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        concepts,
+        text_encoder_iters,
+        unet_iters,
+        sample_steps,
+        sample_resolution,
+        seed,
+        solver,
+        device,
+        token_positions,
+        previous=None,
+    ) -> io.NodeOutput:
+        settings = FusionSettings(
+            text_encoder_iters=text_encoder_iters,
+            unet_iters=unet_iters,
+            sample_steps=sample_steps,
+            sample_resolution=sample_resolution,
+            seed=seed,
+            solver=solver,
+            device=device,
+            token_positions=token_positions,
+        )
+        fused = gradient_fusion(model, clip, concepts, settings, previous=previous)
+        return _outputs(model, clip, fused)
+
+
+class WeightFusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSWeightFusion",
+            display_name="MoS Weight Fusion",
+            category="mixofshow/fusion",
+            description=(
+                "The paper's baseline: W0 + sum_i w_i * strength_i * up_i @ down_i with weights summing to 1. Instant, "
+                "but each concept keeps only part of its LoRA; compare its identity drift with MoS Gradient Fusion."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model."),
+                io.Clip.Input("clip", tooltip="The base text encoder."),
+                Concepts.Input("concepts", tooltip="The ED-LoRAs to fuse, from MoS ED-LoRA Stack."),
+                io.String.Input(
+                    "weights", default="", tooltip="Comma-separated weights per concept (normalised to sum 1); empty = equal."
+                ),
+                io.Boolean.Input("measure_drift", default=True, tooltip="Measure each concept's identity drift for the report."),
+            ],
+            outputs=FUSION_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, weights, measure_drift) -> io.NodeOutput:
+        values = None
+        if weights.strip():
+            try:
+                values = [float(v) for v in weights.split(",")]
+            except ValueError:
+                raise FusionError(f"MoS Weight Fusion: weights {weights!r} must be comma-separated numbers.") from None
+        fused = weight_fusion(model, clip, concepts, values, measure_drift=measure_drift)
+        return _outputs(model, clip, fused)
+
+
+class SaveFused(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSSaveFused",
+            display_name="MoS Save Fused",
+            category="mixofshow/fusion",
+            description=(
+                "Saves a fusion result as one .safetensors in models/mixofshow_fused: the fused weights (diffs against the "
+                "base, or full tensors), the concept table and how it was made. MoS Load Fused restores it bit for bit."
+            ),
+            inputs=[
+                Fused.Input("fused", tooltip="FUSED from MoS Gradient Fusion or MoS Weight Fusion."),
+                io.Model.Input("model", tooltip="The base model the fusion was made on (checked, and used for full storage)."),
+                io.Clip.Input("clip", tooltip="The base text encoder the fusion was made on."),
+                io.String.Input("filename", default="fused_concepts", tooltip="File name without extension."),
+                io.Combo.Input(
+                    "storage",
+                    options=["diff", "full"],
+                    default="diff",
+                    tooltip="diff: differences to the base (small to share with people who have the base). full: fused tensors.",
+                ),
+                io.Boolean.Input(
+                    "include_statistics",
+                    default=False,
+                    tooltip="Also store the Gram statistics, so a later fusion can add a concept without re-sampling these.",
+                ),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, fused, model, clip, filename, storage, include_statistics, overwrite) -> io.NodeOutput:
+        stem = filename.strip()
+        if not stem or "/" in stem or os.sep in stem or stem.startswith("."):
+            raise FusedFileError(f"MoS Save Fused: filename {filename!r} must be a plain file name.")
+        base = BaseWeights(model, clip)
+        keys = sorted({*fused.unet_diffs, *fused.text_diffs})
+        base_weights = base(keys)
+        if fused.base_fingerprint:
+            if fingerprint(base_weights) != fused.base_fingerprint:
+                raise FusedFileError("MoS Save Fused: the connected MODEL/CLIP are not the base this fusion was made on.")
+        path = os.path.join(folder_paths.get_folder_paths(FUSED_FOLDER)[0], stem + ".safetensors")
+        if os.path.exists(path) and not overwrite:
+            raise FusedFileError(f"MoS Save Fused: '{path}' exists; set overwrite or choose another filename.")
+        sources = {}
+        for entry in fused.concepts.entries:
+            source = folder_paths.get_full_path("edloras", entry.edlora.name)
+            if source:
+                sources[entry.edlora.name] = {"sha256": file_sha256(source)}
+        save_fused(
+            fused, path, base_weights=base_weights, storage=storage, include_statistics=include_statistics, sources=sources
+        )
+        return io.NodeOutput(path, ui=ui.PreviewText(f"Saved {path}\n{fused.report()}"))
+
+
+class LoadFused(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSLoadFused",
+            display_name="MoS Load Fused",
+            category="mixofshow/fusion",
+            description=(
+                "Loads a fused model onto the base MODEL/CLIP: this pack's bundles from MoS Save Fused, the original "
+                "Mix-of-Show research combined_model .pth, or a main-branch fused diffusers folder (pick its "
+                "new_concept_cfg.json) placed in models/mixofshow_fused."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the fusion was made on."),
+                io.Clip.Input("clip", tooltip="The base text encoder."),
+                io.Combo.Input("fused_name", options=fused_file_list(), tooltip="A file in models/mixofshow_fused."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                Concepts.Output(display_name="CONCEPTS"),
+                Fused.Output(display_name="FUSED"),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, fused_name, **kwargs):
+        path = folder_paths.get_full_path(FUSED_FOLDER, fused_name)
+        return file_sha256(path) if path and os.path.isfile(path) else fused_name
+
+    @classmethod
+    def execute(cls, model, clip, fused_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FUSED_FOLDER, fused_name)
+        if path is None:
+            raise FusedFileError(f"'{fused_name}' is not in models/{FUSED_FOLDER}.")
+        fused = load_fused(path, BaseWeights(model, clip))
+        _check_shapes(fused, model, clip, fused_name)
+        fused_model, fused_clip = fused.apply(model, clip)
+        return io.NodeOutput(fused_model, fused_clip, fused.concepts, fused)
+
+
+def _check_shapes(fused, model, clip, name):
+    unet = model.model.state_dict()
+    text = clip.cond_stage_model.state_dict()
+    for table, diffs in ((unet, fused.unet_diffs), (text, fused.text_diffs)):
+        for key, diff in diffs.items():
+            if key not in table or tuple(table[key].shape) != tuple(diff.shape):
+                raise FusedFileError(
+                    f"'{name}': fused weight '{key}' does not fit the connected model; it was fused for a different architecture."
+                )
+
+
+NODES = [EDLoRAStack, GradientFusion, WeightFusion, SaveFused, LoadFused]
