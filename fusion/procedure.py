@@ -586,7 +586,8 @@ def denoiser_outputs(model, positive, latent: torch.Tensor, sigmas: list[float],
     sampler = comfy.samplers.KSAMPLER(evaluate)
     noise = comfy.sample.prepare_noise(latent, seed)
     schedule = torch.tensor(sigma_list + [0.0])
-    comfy.sample.sample_custom(model, noise, 1.0, sampler, schedule, positive, positive, latent, disable_pbar=True, seed=seed)
+    with torch.no_grad():
+        comfy.sample.sample_custom(model, noise, 1.0, sampler, schedule, positive, positive, latent, disable_pbar=True, seed=seed)
     return outputs
 
 

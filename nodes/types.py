@@ -7,3 +7,6 @@ Concepts = io.Custom("MOS_CONCEPTS")
 
 #: A :class:`fusion.procedure.FusedModel`: fused weight diffs, concepts, settings, report, optional statistics.
 Fused = io.Custom("MOS_FUSED")
+
+#: A tuple of :class:`regional.spec.Region`: prompts, negatives and where they apply.
+Regions = io.Custom("MOS_REGIONS")

@@ -1,0 +1,163 @@
+"""Regional nodes: regions (mask, box or the original's text syntax), regional conditioning, layout images."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..edlora.concepts import ConceptSet
+from ..edlora.encode import encode_prompt
+from ..edlora.format import EDLoRAError
+from ..edlora.routing import install_layer_routing, layer_stack_of
+from ..regional.patch import RegionalCrossAttention, RegionContexts
+from ..regional.spec import Region, RegionError, parse_original_syntax
+from .types import Concepts, Regions
+
+
+class RegionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSRegion",
+            display_name="MoS Region",
+            category="mixofshow/regional",
+            description=(
+                "One region for MoS Regional Conditioning: its own prompt (may name ED-LoRA concepts) and negative "
+                "prompt, where it applies (a MASK, or a box given as fractions of the image), chained to earlier regions."
+            ),
+            inputs=[
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    tooltip="What this region shows, e.g. 'a <potter1> <potter2>, full body'.",
+                ),
+                io.String.Input(
+                    "negative",
+                    multiline=True,
+                    default="",
+                    tooltip="This region's own negative prompt (used in its unconditional half).",
+                ),
+                io.Float.Input(
+                    "top",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Box top as a fraction of the image height (used without a mask).",
+                ),
+                io.Float.Input(
+                    "left", default=0.0, min=0.0, max=1.0, step=0.001, tooltip="Box left as a fraction of the image width."
+                ),
+                io.Float.Input(
+                    "bottom", default=1.0, min=0.0, max=1.0, step=0.001, tooltip="Box bottom as a fraction of the image height."
+                ),
+                io.Float.Input(
+                    "right", default=1.0, min=0.0, max=1.0, step=0.001, tooltip="Box right as a fraction of the image width."
+                ),
+                io.Mask.Input("mask", optional=True, tooltip="Where the region applies (soft values blend); overrides the box."),
+                Regions.Input("regions", optional=True, tooltip="Earlier regions to chain."),
+            ],
+            outputs=[Regions.Output(display_name="REGIONS")],
+        )
+
+    @classmethod
+    def execute(cls, prompt, negative, top, left, bottom, right, mask=None, regions=None) -> io.NodeOutput:
+        previous = tuple(regions or ())
+        if mask is not None:
+            mask = mask[0] if mask.dim() == 3 else mask
+            region = Region(prompt, negative, mask=mask.detach().float().cpu())
+        else:
+            region = Region(prompt, negative, box=(top, left, bottom, right))
+        region.validate(len(previous))
+        return io.NodeOutput(previous + (region,))
+
+
+class RegionsFromText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSRegionsFromText",
+            display_name="MoS Regions From Text",
+            category="mixofshow/regional",
+            description=(
+                "Regions in the original Mix-of-Show syntax, so its examples paste in: "
+                "'[prompt]-*-[negative]-*-[y1, x1, y2, x2]|...' with pixel boxes (top, left, bottom, right) of a "
+                "width x height image; '[]' is the whole image."
+            ),
+            inputs=[
+                io.String.Input("text", multiline=True, tooltip="Regions separated by '|'."),
+                io.Int.Input("width", default=1024, min=8, max=16384, step=8, tooltip="Width of the image the boxes refer to."),
+                io.Int.Input("height", default=512, min=8, max=16384, step=8, tooltip="Height of the image the boxes refer to."),
+                Regions.Input("regions", optional=True, tooltip="Earlier regions to chain."),
+            ],
+            outputs=[Regions.Output(display_name="REGIONS")],
+        )
+
+    @classmethod
+    def execute(cls, text, width, height, regions=None) -> io.NodeOutput:
+        return io.NodeOutput(tuple(regions or ()) + tuple(parse_original_syntax(text, width, height)))
+
+
+def encode_region(clip, concepts: ConceptSet, region: Region, index: int) -> RegionContexts:
+    def stack_of(text: str, what: str) -> torch.Tensor:
+        try:
+            entry = encode_prompt(clip, concepts, text)[0]
+        except EDLoRAError as exc:
+            raise RegionError(f"{region.label(index)} {what}: {exc}") from None
+        layered = layer_stack_of(entry)
+        return layered if layered is not None else entry[0].unsqueeze(1)
+
+    return RegionContexts(region, stack_of(region.prompt, "prompt"), stack_of(region.negative, "negative prompt"))
+
+
+class RegionalConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSRegionalConditioning",
+            display_name="MoS Regional Conditioning",
+            category="mixofshow/regional",
+            description=(
+                "Mix-of-Show regionally controllable sampling: the global prompt is attended everywhere as usual; inside "
+                "each region the queries attend to that region's own prompt (with its concepts' layer-wise embeddings); "
+                "overlaps average; the unconditional half uses each region's own negative. Returns a MODEL with "
+                "region-aware cross-attention and the global positive/negative for any KSampler; works with ControlNet "
+                "and T2I-Adapter apply nodes and with other attention patches."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The (fused) model."),
+                io.Clip.Input("clip", tooltip="Its text encoder."),
+                io.String.Input("prompt", multiline=True, dynamic_prompts=True, tooltip="The global (context) prompt."),
+                io.String.Input("negative", multiline=True, default="", tooltip="The global negative prompt."),
+                Regions.Input("regions", tooltip="From MoS Region or MoS Regions From Text."),
+                Concepts.Input(
+                    "concepts", optional=True, tooltip="CONCEPTS of the (fused) ED-LoRAs, for concept words in prompts."
+                ),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="A clone with region-aware cross-attention."),
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, negative, regions, concepts=None) -> io.NodeOutput:
+        concepts = concepts or ConceptSet()
+        if not regions:
+            raise RegionError("MoS Regional Conditioning: no regions; connect MoS Region or MoS Regions From Text.")
+        for index, region in enumerate(regions):
+            region.validate(index)
+        contexts = [encode_region(clip, concepts, region, i) for i, region in enumerate(regions)]
+        widths = {c.positive.shape[-1] for c in contexts}
+        positive = encode_prompt(clip, concepts, prompt)
+        if widths != {positive[0][0].shape[-1]}:
+            raise RegionError("MoS Regional Conditioning: region prompts and the global prompt encode to different widths.")
+        new_model = model.clone()
+        install_layer_routing(new_model)
+        RegionalCrossAttention(new_model.get_model_object("diffusion_model"), contexts).install(new_model)
+        return io.NodeOutput(new_model, positive, encode_prompt(clip, concepts, negative))
+
+
+NODES = [RegionNode, RegionsFromText, RegionalConditioning]

@@ -1,0 +1,1 @@
+"""Regionally controllable sampling: region specs and region-aware cross-attention."""
