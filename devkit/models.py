@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models
@@ -256,3 +257,15 @@ def make_edlora(
         text_encoder=pairs(text_attention_modules(clip)),
         name=name,
     )
+
+
+def write_controlnet(path: str, seed: int = 0) -> str:
+    """A ControlNet (random weights, 3-channel hint) for the :func:`small_sd1` layout that ControlNetLoader loads."""
+    from comfy.cldm.cldm import ControlNet
+
+    config = {k: v for k, v in SMALL_SD1_UNET.items() if k != "out_channels"}
+    config.update(hint_channels=3, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    control = init_weights(ControlNet(**config), seed)
+    sd = {f"control_model.{k}": v.to(torch.float16).contiguous() for k, v in control.state_dict().items()}
+    comfy.utils.save_torch_file(sd, path, metadata={"mixofshow.devkit": "random-weight ControlNet for the small SD1 layout"})
+    return path

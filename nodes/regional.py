@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import comfy.patcher_extension
+import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -9,6 +13,8 @@ from ..edlora.concepts import ConceptSet
 from ..edlora.encode import encode_prompt
 from ..edlora.format import EDLoRAError
 from ..edlora.routing import install_layer_routing, layer_stack_of
+from ..regional.control import RegionalControlStrength, parse_region_weights
+from ..regional.layout import METHODS, layout_map
 from ..regional.patch import RegionalCrossAttention, RegionContexts
 from ..regional.spec import Region, RegionError, parse_original_syntax
 from .types import Concepts, Regions
@@ -160,4 +166,84 @@ class RegionalConditioning(io.ComfyNode):
         return io.NodeOutput(new_model, positive, encode_prompt(clip, concepts, negative))
 
 
-NODES = [RegionNode, RegionsFromText, RegionalConditioning]
+class LayoutImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSLayoutImage",
+            display_name="MoS Layout From Image",
+            category="mixofshow/regional",
+            description=(
+                "Turns a picture into a layout for a T2I-Adapter or ControlNet (apply it with core ControlNet Apply): "
+                "sketch (your drawing, dark lines on white or light on dark), canny and lineart_standard (controlnet_aux, "
+                "no weights needed), or openpose (needs the annotator weights in a local folder)."
+            ),
+            inputs=[
+                io.Image.Input("image", tooltip="The picture or drawing."),
+                io.Combo.Input("method", options=list(METHODS), default="sketch", tooltip="The preprocessor."),
+                io.Int.Input("low_threshold", default=100, min=0, max=255, tooltip="Canny lower threshold."),
+                io.Int.Input("high_threshold", default=200, min=0, max=255, tooltip="Canny upper threshold."),
+                io.String.Input(
+                    "annotator_dir",
+                    default="",
+                    tooltip="For openpose: a folder holding body_pose_model.pth, "
+                    "hand_pose_model.pth and facenet.pth (empty: models/annotators).",
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")],
+        )
+
+    @classmethod
+    def execute(cls, image, method, low_threshold, high_threshold, annotator_dir) -> io.NodeOutput:
+        directory = annotator_dir.strip() or os.path.join(folder_paths.models_dir, "annotators")
+        return io.NodeOutput(layout_map(image, method, low_threshold, high_threshold, directory))
+
+
+class RegionalControlStrengthNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSRegionalControlStrength",
+            display_name="MoS Regional Adapter Strength",
+            category="mixofshow/regional",
+            description=(
+                "Per-region strength of ControlNet / T2I-Adapter guidance, like the original's region adapter weights: "
+                "'[y1, x1, y2, x2]-weight|...' (pixel boxes of a width x height image) overrides the apply node's "
+                "strength (base_strength) inside each box."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model that samples with the control applied."),
+                io.String.Input(
+                    "region_weights",
+                    multiline=True,
+                    default="",
+                    tooltip="e.g. '[4, 6, 1024, 490]-1.0|[10, 500, 1024, 1000]-0.5'.",
+                ),
+                io.Int.Input("width", default=1024, min=8, max=16384, step=8, tooltip="Width of the image the boxes refer to."),
+                io.Int.Input("height", default=512, min=8, max=16384, step=8, tooltip="Height of the image the boxes refer to."),
+                io.Float.Input(
+                    "base_strength",
+                    default=1.0,
+                    min=0.01,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="The strength set on the ControlNet/T2I-Adapter apply node.",
+                ),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, model, region_weights, width, height, base_strength) -> io.NodeOutput:
+        boxes = parse_region_weights(region_weights, width, height)
+        new_model = model.clone()
+        if boxes:
+            new_model.add_wrapper_with_key(
+                comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                "mixofshow_regional_control",
+                RegionalControlStrength(boxes, base_strength),
+            )
+        return io.NodeOutput(new_model)
+
+
+NODES = [RegionNode, RegionsFromText, RegionalConditioning, LayoutImage, RegionalControlStrengthNode]

@@ -1,0 +1,94 @@
+"""Layout preprocessors (controlnet_aux) and per-region adapter strength with a real ControlNet on the tiny model."""
+
+from __future__ import annotations
+
+import comfy.controlnet
+import comfy.model_management
+import comfy.ops
+import pytest
+import torch
+from comfy.cldm.cldm import ControlNet
+
+from mixofshow.devkit.models import TINY_UNET, init_weights
+from mixofshow.nodes.regional import LayoutImage, RegionalControlStrengthNode
+from mixofshow.regional.control import parse_region_weights, scale_control
+from mixofshow.regional.spec import RegionError
+
+
+def square_image(height=96, width=128):
+    image = torch.zeros(1, height, width, 3)
+    image[:, 24:72, 32:96] = 1.0
+    return image
+
+
+def layout(image, method, annotator_dir=""):
+    return LayoutImage.execute(
+        image=image, method=method, low_threshold=100, high_threshold=200, annotator_dir=annotator_dir
+    ).args[0]
+
+
+def test_layout_methods_without_weights(tmp_path):
+    image = square_image()
+    canny = layout(image, "canny")
+    assert canny.shape == image.shape
+    assert canny[0, 22:26, 40:90].amax(dim=0).mean() > 0.5 and canny[0, 40:56, 50:80].max() < 0.1, "edges on the border, none inside"
+    noisy = (image + 0.3 * torch.rand(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    lineart = layout(noisy, "lineart_standard")
+    assert lineart.shape == image.shape and lineart.max() > 0
+    drawing = 1.0 - image  # dark square on white paper
+    sketch = layout(drawing, "sketch")
+    assert torch.allclose(sketch, image, atol=1e-6), "a drawing on white becomes white-on-black"
+    with pytest.raises(RegionError, match="openpose needs the annotator weights body_pose_model.pth"):
+        layout(image, "openpose", annotator_dir=str(tmp_path))
+
+
+def tiny_controlnet():
+    config = {k: v for k, v in TINY_UNET.items() if k != "out_channels"}
+    config.update(
+        hint_channels=3,
+        dtype=torch.float32,
+        operations=comfy.ops.disable_weight_init,
+        transformer_depth=list(TINY_UNET["transformer_depth"]),
+    )
+    model = init_weights(ControlNet(**config), seed=9, std=0.05)
+    return comfy.controlnet.ControlNet(model, load_device=comfy.model_management.get_torch_device(), manual_cast_dtype=None)
+
+
+def test_scale_control_maps_boxes_relative_to_base_strength():
+    boxes = parse_region_weights("[0, 0, 32, 32]-0.4|[0, 32, 32, 64]-1.6", width=64, height=64)
+    control = {"input": [torch.ones(1, 2, 4, 4), None], "middle": [torch.ones(1, 2, 2, 2)]}
+    scaled = scale_control(control, boxes, base_strength=0.8)
+    grid = scaled["input"][0][0, 0]
+    assert torch.allclose(grid[:2, :2], torch.full((2, 2), 0.5)) and torch.allclose(grid[:2, 2:], torch.full((2, 2), 2.0))
+    assert torch.allclose(grid[2:], torch.ones(2, 4)), "outside every box the apply node's strength is kept"
+    assert scaled["input"][1] is None and control["input"][0].eq(1).all(), "inputs are not modified in place"
+    with pytest.raises(RegionError, match="expected '\\[y1, x1, y2, x2\\]-weight'"):
+        parse_region_weights("[1, 2, 3]-0.5", 64, 64)
+
+
+def test_region_adapter_strength_with_a_real_controlnet(tiny, comfy_nodes):
+    model, clip, _ = tiny
+    positive = comfy_nodes.CLIPTextEncode().encode(clip, "a house")[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    hint = layout(square_image(128, 128), "canny")
+    controlled = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, tiny_controlnet(), hint, 0.8, 0.0, 1.0
+    )
+    latent = comfy_nodes.EmptyLatentImage().generate(128, 128, 1)[0]
+
+    def run(m, pos, neg):
+        with torch.inference_mode():
+            return comfy_nodes.common_ksampler(m, 4, 2, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+    def strength(text):
+        return RegionalControlStrengthNode.execute(
+            model=model, region_weights=text, width=128, height=128, base_strength=0.8
+        ).args[0]
+
+    without = run(model, positive, negative)
+    with_control = run(model, *controlled)
+    assert not torch.allclose(without, with_control), "the ControlNet must act"
+    assert torch.allclose(run(strength("[0, 0, 128, 128]-0.0"), *controlled), without, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(run(strength("[0, 0, 128, 128]-0.8"), *controlled), with_control, rtol=1e-5, atol=1e-4)
+    half = run(strength("[0, 0, 64, 128]-0.0"), *controlled)
+    assert not torch.allclose(half, without) and not torch.allclose(half, with_control)
