@@ -31,7 +31,9 @@ def test_layout_methods_without_weights(tmp_path):
     image = square_image()
     canny = layout(image, "canny")
     assert canny.shape == image.shape
-    assert canny[0, 22:26, 40:90].amax(dim=0).mean() > 0.5 and canny[0, 40:56, 50:80].max() < 0.1, "edges on the border, none inside"
+    assert canny[0, 22:26, 40:90].amax(dim=0).mean() > 0.5 and canny[0, 40:56, 50:80].max() < 0.1, (
+        "edges on the border, none inside"
+    )
     noisy = (image + 0.3 * torch.rand(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     lineart = layout(noisy, "lineart_standard")
     assert lineart.shape == image.shape and lineart.max() > 0

@@ -33,6 +33,16 @@ def server_files(tmp_path_factory):
         os.path.join(base, "models", "edloras", "edlora_thanos.pth"),
     )
     models.write_checkpoint(os.path.join(base, "models", "checkpoints", DEMO_CKPT), model, clip, vae)
+    models.write_controlnet(os.path.join(base, "models", "controlnet", "test_sketch_control.safetensors"), seed=4)
+    os.makedirs(os.path.join(base, "input"), exist_ok=True)
+    from PIL import Image, ImageDraw
+
+    sketch = Image.new("RGB", (192, 96), "white")
+    draw = ImageDraw.Draw(sketch)
+    for left in (10, 75, 135):
+        draw.ellipse([left + 10, 8, left + 40, 30], outline="black", width=3)
+        draw.rectangle([left + 5, 32, left + 45, 90], outline="black", width=3)
+    sketch.save(os.path.join(base, "input", "mixofshow_sketch.png"))
     return base
 
 

@@ -130,3 +130,26 @@ def test_shipped_fusion_workflow_fuses_saves_and_samples(server):
     }
     reload["3"]["inputs"]["text"] = "<thanos1> <thanos2> and <potter1> <potter2>"
     assert len(server.image_files(server.run(reload))) == 1
+
+
+def test_shipped_regional_workflow_with_sketch_layout(server):
+    fusion = load_workflow("gradient_fusion_three_concepts.api.json")
+    set_inputs(fusion, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
+    set_inputs(fusion, "MoSGradientFusion", solver="exact", sample_steps=1, sample_resolution=128)
+    set_inputs(fusion, "MoSSaveFused", filename="regional_test_fused")
+    for node in ("7", "8", "9", "10", "11", "12"):
+        del fusion[node]
+    server.run(fusion)
+
+    prompt = load_workflow("regional_three_concepts_sketch.api.json")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
+    set_inputs(prompt, "MoSLoadFused", fused_name="regional_test_fused.safetensors")
+    set_inputs(prompt, "ControlNetLoader", control_net_name="test_sketch_control.safetensors")
+    set_inputs(prompt, "EmptyLatentImage", width=192, height=96)
+    set_inputs(prompt, "KSampler", steps=2)
+    entry = server.run(prompt)
+    images = server.image_files(entry)
+    assert len(images) == 1
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (192, 96)
