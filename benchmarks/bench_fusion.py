@@ -272,6 +272,53 @@ def part_speed(device_name: str, counts=(2, 4, 8), resolution=256, steps=4, iter
         )
 
 
+def part_synthetic(device_name: str, concepts=4, width=320, rows_per_concept=4096 * 20, iters=50):
+    """One SD1.5-sized 320x320 layer with as many input rows per concept as 20 steps at 512x512 give."""
+    import torch
+
+    from mixofshow.fusion.solvers import solve_exact, solve_lbfgs, solve_lbfgs_raw
+    from mixofshow.fusion.stats import GramGroup, LayerStats, fold_concept
+
+    device = torch.device(device_name)
+    g = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(width, width, generator=g) * 0.02).to(device)
+    mixing = torch.randn(width, width, generator=g) / width**0.5
+    inputs = [
+        (torch.randn(rows_per_concept, width, generator=g) @ mixing + 0.1 * torch.randn(width, generator=g)).to(device)
+        for _ in range(concepts)
+    ]
+    targets = [
+        w0 + (torch.randn(width, 4, generator=g) @ torch.randn(4, width, generator=g) * 0.003).to(device) for _ in range(concepts)
+    ]
+    started = time.perf_counter()
+    raw = solve_lbfgs_raw(w0, inputs, [x @ t.T for x, t in zip(inputs, targets, strict=True)], iters)
+    raw_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    group = GramGroup.empty(width, device=device)
+    layer = LayerStats.empty("g", width, width, device=device)
+    for x, t in zip(inputs, targets, strict=True):
+        part = GramGroup.empty(width, device=device)
+        part.add_rows(x)
+        fold_concept(layer, part, t, "c")
+        group.gram += part.gram
+        group.rows += part.rows
+    stats_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    gram = solve_lbfgs(w0, group.gram, layer.cross, layer.const, layer.rows, iters)
+    gram_seconds = time.perf_counter() - started + stats_seconds
+    started = time.perf_counter()
+    exact = solve_exact(w0, group.gram, layer.cross, layer.const, layer.rows)
+    exact_seconds = time.perf_counter() - started + stats_seconds
+    print(
+        f"\n== Synthetic SD1.5-size layer: {width}x{width}, {concepts} concepts, {rows_per_concept} rows each (20 steps at "
+        f"512x512), {iters} LBFGS iterations, device {device} =="
+    )
+    print(f"{'method':<28}{'seconds':>9}{'vs raw':>9}{'final loss':>14}")
+    print(f"{'raw-feature LBFGS (original)':<28}{raw_seconds:>9.2f}{1.0:>8.1f}x{raw.loss_after:>14.6e}")
+    print(f"{'Gram-form LBFGS':<28}{gram_seconds:>9.2f}{raw_seconds / gram_seconds:>8.1f}x{gram.loss_after:>14.6e}")
+    print(f"{'exact solve':<28}{exact_seconds:>9.2f}{raw_seconds / exact_seconds:>8.1f}x{exact.loss_after:>14.6e}")
+
+
 def rows_per_step(model, resolution):
     """Input rows per UNet call of each attention projection at ``resolution`` (tokens of its feature map)."""
     import torch
@@ -314,7 +361,7 @@ def rows_per_step(model, resolution):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Mix-of-Show fusion benchmarks")
-    parser.add_argument("--part", choices=["drift", "speed", "all"], default="all")
+    parser.add_argument("--part", choices=["drift", "speed", "synthetic", "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     setup(args.device)
@@ -323,6 +370,8 @@ def main() -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     if args.part in ("drift", "all"):
         part_drift()
+    if args.part in ("synthetic", "all"):
+        part_synthetic(args.device)
     if args.part in ("speed", "all"):
         part_speed(args.device)
     return 0

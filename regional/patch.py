@@ -67,6 +67,8 @@ class RegionalCrossAttention:
 
     def __call__(self, out: torch.Tensor, extra_options: dict) -> torch.Tensor:
         query, self._query = self._query, None
+        if not self.regions:
+            return out
         block = extra_options.get("block")
         shape = extra_options.get("activations_shape")
         if query is None or block is None or shape is None or len(shape) != 4:

@@ -193,3 +193,14 @@ def test_original_string_syntax():
         parse_original_syntax("[a]-*-[1, 2, 3, 4]", 64, 64)
     assert box_weights((0.0, 0.0, 0.5, 0.5), 4, 4).sum() == 4
     assert box_weights((0.1, 0.1, 0.2, 0.2), 4, 4).sum() == 0, "a box smaller than a cell covers nothing at that layer"
+
+
+def test_patch_without_regions_is_a_no_op(tiny):
+    from mixofshow.regional.patch import RegionalCrossAttention
+
+    patch = RegionalCrossAttention(tiny[0].get_model_object("diffusion_model"), [])
+    out = torch.randn(2, 16, 32)
+    patch.remember_query(torch.randn(2, 16, 32), None, None, {})
+    assert (
+        patch(out, {"block": ("input", 1), "block_index": 0, "activations_shape": [2, 32, 4, 4], "cond_or_uncond": [0, 1]}) is out
+    )
