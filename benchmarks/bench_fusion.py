@@ -185,7 +185,7 @@ def part_speed(device_name: str, counts=(2, 4, 8), resolution=256, steps=4, iter
     from mixofshow.edlora.apply import module_keys
     from mixofshow.fusion.procedure import BaseWeights
     from mixofshow.fusion.solvers import solve_exact, solve_lbfgs, solve_lbfgs_raw
-    from mixofshow.fusion.stats import GramGroup, LayerStats, fold_concept
+    from mixofshow.fusion.stats import layer_statistics
 
     device = torch.device(device_name)
     model, clip = sd15_unet(seed=0), clip_l(seed=0)
@@ -225,14 +225,7 @@ def part_speed(device_name: str, counts=(2, 4, 8), resolution=256, steps=4, iter
             raw_seconds = time.perf_counter() - started
 
             started = time.perf_counter()
-            group = GramGroup.empty(weight0.shape[1], device=device)
-            layer = LayerStats.empty("g", weight0.shape[0], weight0.shape[1], device=device)
-            for x, target in zip(xs, targets, strict=True):
-                concept_gram = GramGroup.empty(weight0.shape[1], device=device)
-                concept_gram.add_rows(x)
-                fold_concept(layer, concept_gram, target, "c")
-                group.gram += concept_gram.gram
-                group.rows += concept_gram.rows
+            group, layer = layer_statistics(xs, [t.to(device) for t in targets], device=device)
             stats_seconds = time.perf_counter() - started
             started = time.perf_counter()
             gram_solution = solve_lbfgs(weight0, group.gram, layer.cross, layer.const, layer.rows, iters)
@@ -277,7 +270,7 @@ def part_synthetic(device_name: str, concepts=4, width=320, rows_per_concept=409
     import torch
 
     from mixofshow.fusion.solvers import solve_exact, solve_lbfgs, solve_lbfgs_raw
-    from mixofshow.fusion.stats import GramGroup, LayerStats, fold_concept
+    from mixofshow.fusion.stats import layer_statistics
 
     device = torch.device(device_name)
     g = torch.Generator().manual_seed(0)
@@ -294,14 +287,7 @@ def part_synthetic(device_name: str, concepts=4, width=320, rows_per_concept=409
     raw = solve_lbfgs_raw(w0, inputs, [x @ t.T for x, t in zip(inputs, targets, strict=True)], iters)
     raw_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    group = GramGroup.empty(width, device=device)
-    layer = LayerStats.empty("g", width, width, device=device)
-    for x, t in zip(inputs, targets, strict=True):
-        part = GramGroup.empty(width, device=device)
-        part.add_rows(x)
-        fold_concept(layer, part, t, "c")
-        group.gram += part.gram
-        group.rows += part.rows
+    group, layer = layer_statistics(inputs, targets, device=device)
     stats_seconds = time.perf_counter() - started
     started = time.perf_counter()
     gram = solve_lbfgs(w0, group.gram, layer.cross, layer.const, layer.rows, iters)

@@ -69,6 +69,19 @@ def fold_concept(layer: LayerStats, concept_gram: GramGroup, target_weight: torc
     layer.concepts.append(concept)
 
 
+def layer_statistics(inputs: list[torch.Tensor], targets: list[torch.Tensor], device=None) -> tuple[GramGroup, LayerStats]:
+    """Statistics of one layer from each concept's input rows ``[n_i, k]`` and target weight ``[d, k]``."""
+    width = inputs[0].shape[-1]
+    group = GramGroup.empty(width, device=device)
+    layer = LayerStats.empty("layer", targets[0].shape[0], width, device=device)
+    for index, (rows, target) in enumerate(zip(inputs, targets, strict=True)):
+        concept = GramGroup.empty(width, device=device)
+        concept.add_rows(rows)
+        fold_concept(layer, concept, target, f"concept {index}")
+        add_gram(group, concept)
+    return group, layer
+
+
 def add_gram(total: GramGroup, part: GramGroup) -> None:
     total.gram += part.gram.to(total.gram.device)
     total.rows += part.rows

@@ -94,3 +94,36 @@ def test_region_adapter_strength_with_a_real_controlnet(tiny, comfy_nodes):
     assert torch.allclose(run(strength("[0, 0, 128, 128]-0.8"), *controlled), with_control, rtol=1e-5, atol=1e-4)
     half = run(strength("[0, 0, 64, 128]-0.0"), *controlled)
     assert not torch.allclose(half, without) and not torch.allclose(half, with_control)
+
+
+def test_regional_sampling_with_a_t2i_adapter_on_full_sd15(sd15, comfy_nodes):
+    import comfy.controlnet
+    import comfy.t2i_adapter.adapter
+
+    from mixofshow.nodes.regional import RegionalConditioning, RegionNode
+
+    model, clip = sd15
+    adapter = init_weights(
+        comfy.t2i_adapter.adapter.Adapter(cin=64, channels=[320, 640, 1280, 1280], nums_rb=2, ksize=1, sk=True, use_conv=False),
+        seed=11,
+        std=0.05,
+    )
+    t2i = comfy.controlnet.load_t2i_adapter(adapter.state_dict())
+    assert isinstance(t2i, comfy.controlnet.T2IAdapter), "core's loader recognises the sketch-adapter layout"
+    regions = RegionNode.execute(
+        prompt="a red car", negative="blurry", top=0.0, left=0.0, bottom=1.0, right=0.5, mask=None, regions=None
+    ).args[0]
+    regional_model, positive, negative = RegionalConditioning.execute(
+        model=model, clip=clip, prompt="a street", negative="lowres", regions=regions
+    ).args
+    sketch = layout(1.0 - square_image(64, 64), "sketch")
+    controlled = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, t2i, sketch, 0.8, 0.0, 1.0)
+    latent = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    with torch.inference_mode():
+        with_adapter = comfy_nodes.common_ksampler(regional_model, 2, 1, 5.0, "euler", "normal", *controlled, latent)[0][
+            "samples"
+        ]
+        without = comfy_nodes.common_ksampler(regional_model, 2, 1, 5.0, "euler", "normal", positive, negative, latent)[0][
+            "samples"
+        ]
+    assert torch.isfinite(with_adapter).all() and not torch.allclose(with_adapter, without)

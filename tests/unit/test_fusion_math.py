@@ -108,3 +108,13 @@ def test_lbfgs_is_deterministic_and_keeps_dtype():
     a = solve_lbfgs(w0.float(), group.gram, layer.cross, layer.const, layer.rows, iters=20)
     b = solve_lbfgs(w0.float(), group.gram, layer.cross, layer.const, layer.rows, iters=20)
     assert a.weight.dtype == torch.float32 and torch.equal(a.weight, b.weight)
+
+
+def test_layer_statistics_helper_matches_streamed_statistics():
+    from mixofshow.fusion.stats import layer_statistics
+
+    w0, targets, inputs = synthetic()
+    group, layer = statistics(targets, inputs, chunk=5)
+    helper_group, helper_layer = layer_statistics(inputs, targets)
+    assert torch.allclose(helper_group.gram, group.gram) and torch.allclose(helper_layer.cross, layer.cross)
+    assert torch.allclose(helper_layer.const, layer.const) and helper_layer.rows == layer.rows == helper_group.rows
