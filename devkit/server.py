@@ -159,7 +159,8 @@ class ComfyServer:
 
 
 def load_workflow(name: str) -> dict:
-    with open(os.path.join(REPO_ROOT, "workflows", name)) as f:
+    """The API-format twin ``workflows/api/<name>.json`` of a shipped workflow."""
+    with open(os.path.join(REPO_ROOT, "workflows", "api", f"{name}.json")) as f:
         return json.load(f)
 
 

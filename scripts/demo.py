@@ -69,7 +69,7 @@ def main() -> int:
     from devkit.server import ComfyServer, load_workflow, prepare_base_dir, set_inputs
 
     base_dir = prepare_base_dir(os.path.abspath(args.base_dir))
-    prompt = load_workflow("edlora_single_concept.api.json")
+    prompt = load_workflow("edlora_single_concept")
     if args.ckpt or args.edlora:
         if not (args.ckpt and args.edlora):
             parser.error("give both CKPT and EDLORA (or neither, for the embedded default)")

@@ -1,4 +1,4 @@
-"""Regenerate the UI-format twin ``workflows/<name>.json`` of every ``workflows/<name>.api.json``.
+"""Regenerate the UI-format twin ``workflows/<name>.json`` of every API-format ``workflows/api/<name>.json``.
 
 Starts a headless ComfyUI with this pack to read ``/object_info`` (widget order), converts, and stops it.
 Run with the runtime python: ``eval "$(bash scripts/install_runtime.sh)" && $PYTHON scripts/make_ui_workflows.py``.
@@ -23,7 +23,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as base, ComfyServer(comfyui_dir(), base) as server:
         object_info = server.get("/object_info")
-    for api_path in sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "*.api.json"))):
+    for api_path in sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "api", "*.json"))):
         with open(api_path) as f:
             prompt = json.load(f)
         workflow = api_to_ui(prompt, object_info)
@@ -31,7 +31,7 @@ def main() -> int:
         if problems:
             print("\n".join(problems), file=sys.stderr)
             return 1
-        ui_path = api_path[: -len(".api.json")] + ".json"
+        ui_path = os.path.join(REPO_ROOT, "workflows", os.path.basename(api_path))
         with open(ui_path, "w") as f:
             json.dump(workflow, f, indent=1)
             f.write("\n")

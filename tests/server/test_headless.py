@@ -27,7 +27,7 @@ WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path
 
 
 def single_concept_prompt(text=None):
-    prompt = load_workflow("edlora_single_concept.api.json")
+    prompt = load_workflow("edlora_single_concept")
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
     set_inputs(prompt, "EmptyLatentImage", width=128, height=192)
     set_inputs(prompt, "KSampler", steps=3)
@@ -51,17 +51,25 @@ def test_pack_imports_without_failure_and_registers_the_folder(server, object_in
 
 
 def test_every_ui_workflow_matches_the_server(object_info):
-    ui_files = [p for p in glob.glob(os.path.join(WORKFLOWS, "*.json")) if not p.endswith(".api.json")]
-    assert ui_files, "workflows/ must ship UI-format workflows"
+    ui_files = glob.glob(os.path.join(WORKFLOWS, "*.json"))
+    assert len(ui_files) == 3, "workflows/ ships the three UI-format workflows"
     for path in ui_files:
         with open(path) as f:
             workflow = json.load(f)
         assert check_ui_workflow(workflow, object_info) == [], os.path.basename(path)
-        api_twin = path[: -len(".json")] + ".api.json"
+        api_twin = os.path.join(WORKFLOWS, "api", os.path.basename(path))
         assert os.path.exists(api_twin), f"{os.path.basename(path)} needs an API-format twin"
         with open(api_twin) as f:
             api = json.load(f)
         assert sorted(n["type"] for n in workflow["nodes"]) == sorted(n["class_type"] for n in api.values())
+
+
+def test_browse_templates_lists_only_ui_workflows(server):
+    templates = server.get("/workflow_templates")["mixofshow"]
+    assert sorted(templates) == ["edlora_single_concept", "gradient_fusion_three_concepts", "regional_three_concepts_sketch"]
+    for name in templates:
+        workflow = json.loads(server.get_bytes(f"/api/workflow_templates/mixofshow/{name}.json"))
+        assert "nodes" in workflow and "links" in workflow, f"{name} must be a UI-format workflow"
 
 
 def test_shipped_single_concept_workflow_renders_an_image(server):
@@ -108,7 +116,7 @@ def test_missing_file_is_an_error_naming_it(server):
 
 
 def test_shipped_fusion_workflow_fuses_saves_and_samples(server):
-    prompt = load_workflow("gradient_fusion_three_concepts.api.json")
+    prompt = load_workflow("gradient_fusion_three_concepts")
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
     set_inputs(prompt, "MoSGradientFusion", text_encoder_iters=5, unet_iters=3, sample_steps=2, sample_resolution=128)
     set_inputs(prompt, "EmptyLatentImage", width=192, height=128)
@@ -120,7 +128,7 @@ def test_shipped_fusion_workflow_fuses_saves_and_samples(server):
     saved = os.path.join(server.base_dir, "models", "mixofshow_fused", "potter+hermione+thanos.safetensors")
     assert os.path.getsize(saved) > 0
 
-    reload = load_workflow("edlora_single_concept.api.json")
+    reload = load_workflow("edlora_single_concept")
     set_inputs(reload, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
     set_inputs(reload, "EmptyLatentImage", width=128, height=128)
     set_inputs(reload, "KSampler", steps=2)
@@ -133,7 +141,7 @@ def test_shipped_fusion_workflow_fuses_saves_and_samples(server):
 
 
 def test_shipped_regional_workflow_with_sketch_layout(server):
-    fusion = load_workflow("gradient_fusion_three_concepts.api.json")
+    fusion = load_workflow("gradient_fusion_three_concepts")
     set_inputs(fusion, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
     set_inputs(fusion, "MoSGradientFusion", solver="exact", sample_steps=1, sample_resolution=128)
     set_inputs(fusion, "MoSSaveFused", filename="regional_test_fused")
@@ -141,7 +149,7 @@ def test_shipped_regional_workflow_with_sketch_layout(server):
         del fusion[node]
     server.run(fusion)
 
-    prompt = load_workflow("regional_three_concepts_sketch.api.json")
+    prompt = load_workflow("regional_three_concepts_sketch")
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
     set_inputs(prompt, "MoSLoadFused", fused_name="regional_test_fused.safetensors")
     set_inputs(prompt, "ControlNetLoader", control_net_name="test_sketch_control.safetensors")
