@@ -327,3 +327,23 @@ def test_converter_node_round_trips_and_kohya_matches_core_lora_loader(tiny, edl
             atol=1e-6,
         )
     assert folder_paths.get_full_path("loras", "orig_kohya.safetensors")
+
+
+def test_long_prompts_and_single_vector_embeddings(tiny, edloras_dir, comfy_nodes):
+    """Several 77-token chunks stay aligned per layer; [1, width] embeddings (plain LoRA / TI style) serve every layer."""
+    model, clip, _ = tiny
+    edlora = make_edlora(model, clip, words=("<one1>",), seed=13, name="single.pth")
+    edlora.embeddings = {"<one1>": torch.randn(1, 64, generator=torch.Generator().manual_seed(1))}
+    save_edlora(edlora, str(edloras_dir / "single.pth"))
+    write_edlora(edloras_dir, model, clip, "multi.pth", words=("<m1>", "<m2>"), seed=14)
+    m, c, concepts = load(model, clip, "single.pth")
+    m, c, concepts = load(m, c, "multi.pth", concepts=concepts)
+    filler = ", ".join(f"detail {i}" for i in range(40))
+    prompt = f"a <m1> <m2> with a <one1>, {filler}, and again <m1> <m2>"
+    stack = layer_stack_of(encode(c, prompt, concepts)[0])
+    assert stack.shape[0] == 1 and stack.shape[1] == 16 and stack.shape[2] >= 154, "long prompts span several chunks"
+    tokens = c.tokenize(prompt.replace("<m1>", "x").replace("<m2>", "x").replace("<one1>", "x"))["l"]
+    assert stack.shape[2] == 77 * len(tokens)
+    assert not torch.allclose(stack[0, 0], stack[0, 15]) and torch.isfinite(stack).all()
+    out = sample(comfy_nodes, m, encode(c, prompt, concepts), encode(c, NEGATIVE), steps=2)
+    assert torch.isfinite(out).all()
