@@ -127,3 +127,17 @@ def test_regional_sampling_with_a_t2i_adapter_on_full_sd15(sd15, comfy_nodes):
             "samples"
         ]
     assert torch.isfinite(with_adapter).all() and not torch.allclose(with_adapter, without)
+
+
+def test_openpose_runs_from_local_weights(tmp_path):
+    """With weights present (random here; nothing can be downloaded), openpose loads them from the folder and runs."""
+    from controlnet_aux.open_pose.body import bodypose_model
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.hand import handpose_model
+
+    torch.manual_seed(0)
+    for model, name in ((bodypose_model(), "body_pose_model.pth"), (handpose_model(), "hand_pose_model.pth")):
+        torch.save({".".join(k.split(".")[1:]): v for k, v in model.state_dict().items()}, tmp_path / name)
+    torch.save(FaceNet().state_dict(), tmp_path / "facenet.pth")
+    pose = layout(square_image(96, 128), "openpose", annotator_dir=str(tmp_path))
+    assert pose.shape == (1, 96, 128, 3) and torch.isfinite(pose).all()
