@@ -25,26 +25,6 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-TINY_UNET = dict(
-    use_checkpoint=False,
-    image_size=32,
-    out_channels=4,
-    use_spatial_transformer=True,
-    legacy=False,
-    adm_in_channels=None,
-    in_channels=4,
-    model_channels=32,
-    num_res_blocks=[2, 2, 2, 2],
-    channel_mult=[1, 1, 1, 1],
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_middle=1,
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    use_linear_in_transformer=False,
-    context_dim=64,
-    num_heads=2,
-    use_temporal_attention=False,
-    use_temporal_resblock=False,
-)
 TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2, "projection_dim": 64}
 SD15_UNET = dict(
     use_checkpoint=False,
@@ -67,6 +47,7 @@ SD15_UNET = dict(
     use_temporal_resblock=False,
 )
 SMALL_SD1_UNET = {**SD15_UNET, "channel_mult": [1, 1, 1, 1]}
+TINY_UNET = {**SD15_UNET, "model_channels": 32, "channel_mult": [1, 1, 1, 1], "context_dim": 64, "num_heads": 2}
 TINY_VAE = {
     "double_z": True,
     "z_channels": 4,

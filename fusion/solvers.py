@@ -35,6 +35,50 @@ def _check_interrupt(check: Callable[[], None] | None) -> None:
         check()
 
 
+def _lbfgs_best(
+    parameter: torch.Tensor,
+    loss_fn: Callable[[], torch.Tensor],
+    iters: int,
+    history: int,
+    check_interrupt: Callable[[], None] | None = None,
+) -> tuple[float, float, torch.Tensor, int]:
+    """One ``LBFGS.step`` with the original's settings (lr 1, strong-Wolfe, tolerances 1e-16) from ``parameter``'s
+    value; returns the first loss, the best loss, the best iterate and the number of evaluations."""
+    best = {"loss": float("inf"), "value": parameter.detach().clone()}
+    first: dict[str, float] = {}
+    evaluations = 0
+
+    def closure():
+        nonlocal evaluations
+        _check_interrupt(check_interrupt)
+        evaluations += 1
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        value = float(loss.detach())
+        first.setdefault("loss", value)
+        if value < best["loss"]:
+            best["loss"] = value
+            best["value"] = parameter.detach().clone()
+        return loss
+
+    optimizer = torch.optim.LBFGS(
+        [parameter],
+        lr=1,
+        max_iter=iters,
+        history_size=history,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-16,
+        tolerance_change=1e-16,
+    )
+    with torch.enable_grad():
+        if iters > 0:
+            optimizer.step(closure)
+        else:
+            closure()
+    return first["loss"], best["loss"], best["value"], evaluations
+
+
 def solve_lbfgs(
     w0: torch.Tensor,
     gram: torch.Tensor,
@@ -46,43 +90,19 @@ def solve_lbfgs(
     check_interrupt: Callable[[], None] | None = None,
 ) -> Solution:
     """LBFGS on the Gram form from ``w0``; returns the best weight seen (in ``w0``'s dtype and device)."""
-    dtype = gram.dtype
-    w0d = w0.detach().to(device=gram.device, dtype=dtype).flatten(1)
-    residual = cross - w0d @ gram  # gradient direction at W0, up to scale
+    w0d = w0.detach().to(device=gram.device, dtype=gram.dtype).flatten(1)
+    residual = cross - w0d @ gram
     scale = 1.0 / max(rows * w0d.shape[0], 1)
     base = objective(w0d, gram, cross, const, rows)
     delta = torch.zeros_like(w0d, requires_grad=True)
-    best = {"loss": float(base), "delta": torch.zeros_like(w0d)}
-    evaluations = 0
 
-    def closure():
-        nonlocal evaluations
-        _check_interrupt(check_interrupt)
-        evaluations += 1
-        optimizer.zero_grad()
+    def loss():
         # loss(W0 + D) = loss(W0) + (tr(D G D^T) - 2 tr(D R^T)) / (rows d), with R = C - W0 G
-        loss = base + scale * (((delta @ gram) * delta).sum() - 2.0 * (delta * residual).sum())
-        loss.backward()
-        value = float(loss.detach())
-        if value < best["loss"]:
-            best["loss"] = value
-            best["delta"] = delta.detach().clone()
-        return loss
+        return base + scale * (((delta @ gram) * delta).sum() - 2.0 * (delta * residual).sum())
 
-    optimizer = torch.optim.LBFGS(
-        [delta],
-        lr=1,
-        max_iter=iters,
-        history_size=history,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-16,
-        tolerance_change=1e-16,
-    )
-    if iters > 0:
-        with torch.enable_grad():
-            optimizer.step(closure)
-    weight = (w0d + best["delta"]).reshape(w0.shape).to(dtype=w0.dtype, device=w0.device)
-    return Solution(weight, float(base), best["loss"], evaluations)
+    _, best_loss, best_delta, evaluations = _lbfgs_best(delta, loss, iters, history, check_interrupt)
+    weight = (w0d + best_delta).reshape(w0.shape).to(dtype=w0.dtype, device=w0.device)
+    return Solution(weight, float(base), best_loss, evaluations)
 
 
 def solve_exact(
@@ -116,9 +136,6 @@ def solve_lbfgs_raw(
     y = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets])
     weight = w0.detach().clone().flatten(1).to(x.dtype).requires_grad_(True)
     count = x.shape[0] * weight.shape[0]
-    best = {"loss": float("inf"), "weight": weight.detach().clone()}
-    first = {}
-    evaluations = 0
 
     def chunked_mse():
         total = 0.0
@@ -127,28 +144,5 @@ def solve_lbfgs_raw(
             total = total + ((part - y[start : start + chunk]) ** 2).sum()
         return total / count
 
-    def closure():
-        nonlocal evaluations
-        evaluations += 1
-        optimizer.zero_grad()
-        loss = chunked_mse()
-        loss.backward()
-        value = float(loss.detach())
-        first.setdefault("loss", value)
-        if value < best["loss"]:
-            best["loss"] = value
-            best["weight"] = weight.detach().clone()
-        return loss
-
-    optimizer = torch.optim.LBFGS(
-        [weight],
-        lr=1,
-        max_iter=iters,
-        history_size=history,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-16,
-        tolerance_change=1e-16,
-    )
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return Solution(best["weight"].reshape(w0.shape).to(w0.dtype), first["loss"], best["loss"], evaluations)
+    first, best_loss, best, evaluations = _lbfgs_best(weight, chunked_mse, iters, history)
+    return Solution(best.reshape(w0.shape).to(w0.dtype), first, best_loss, evaluations)
