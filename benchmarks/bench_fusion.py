@@ -184,8 +184,6 @@ def part_speed(device_name: str, counts=(2, 4, 8), resolution=256, steps=4, iter
     from mixofshow.devkit.models import clip_l, sd15_unet
     from mixofshow.edlora.apply import module_keys
     from mixofshow.fusion.procedure import BaseWeights
-    from mixofshow.fusion.solvers import solve_exact, solve_lbfgs, solve_lbfgs_raw
-    from mixofshow.fusion.stats import layer_statistics
 
     device = torch.device(device_name)
     model, clip = sd15_unet(seed=0), clip_l(seed=0)
@@ -217,24 +215,10 @@ def part_speed(device_name: str, counts=(2, 4, 8), resolution=256, steps=4, iter
                 targets.append(w0[key] + entry.unet_strength * entry.edlora.unet[module].delta().reshape(w0[key].shape))
             targets_by_key[key] = targets
             xs = [x.to(device) for x in features[key]]
-            ys = [x @ t.to(device).T for x, t in zip(xs, targets, strict=True)]
             weight0 = w0[key].to(device)
 
-            started = time.perf_counter()
-            raw = solve_lbfgs_raw(weight0, xs, ys, iters)
-            raw_seconds = time.perf_counter() - started
-
-            started = time.perf_counter()
-            group, layer = layer_statistics(xs, [t.to(device) for t in targets], device=device)
-            stats_seconds = time.perf_counter() - started
-            started = time.perf_counter()
-            gram_solution = solve_lbfgs(weight0, group.gram, layer.cross, layer.const, layer.rows, iters)
-            gram_seconds = time.perf_counter() - started + stats_seconds
-            started = time.perf_counter()
-            exact = solve_exact(weight0, group.gram, layer.cross, layer.const, layer.rows)
-            exact_seconds = time.perf_counter() - started + stats_seconds
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            timings = time_solvers(weight0, xs, [t.to(device) for t in targets], iters, device)
+            (raw_seconds, raw), (gram_seconds, gram_solution), (exact_seconds, exact) = timings
             rows = sum(x.shape[0] for x in xs)
             print(
                 f"{count:>8}  {label:<36}{rows:>8}{raw_seconds:>10.2f}s{gram_seconds:>11.3f}s{exact_seconds:>8.3f}s"
@@ -265,12 +249,31 @@ def part_speed(device_name: str, counts=(2, 4, 8), resolution=256, steps=4, iter
         )
 
 
-def part_synthetic(device_name: str, concepts=4, width=320, rows_per_concept=4096 * 20, iters=50):
-    """One SD1.5-sized 320x320 layer with as many input rows per concept as 20 steps at 512x512 give."""
+def time_solvers(w0, inputs, targets, iters, device):
+    """``[(seconds, Solution)]`` for raw-feature LBFGS, Gram-form LBFGS and the exact solve on one layer; the Gram
+    methods' times include building the statistics from the same rows."""
     import torch
 
     from mixofshow.fusion.solvers import solve_exact, solve_lbfgs, solve_lbfgs_raw
     from mixofshow.fusion.stats import layer_statistics
+
+    def timed(run):
+        started = time.perf_counter()
+        result = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, result
+
+    raw = timed(lambda: solve_lbfgs_raw(w0, inputs, [x @ t.T for x, t in zip(inputs, targets, strict=True)], iters))
+    stats_seconds, (group, layer) = timed(lambda: layer_statistics(inputs, targets, device=device))
+    gram_seconds, gram = timed(lambda: solve_lbfgs(w0, group.gram, layer.cross, layer.const, layer.rows, iters))
+    exact_seconds, exact = timed(lambda: solve_exact(w0, group.gram, layer.cross, layer.const, layer.rows))
+    return [raw, (gram_seconds + stats_seconds, gram), (exact_seconds + stats_seconds, exact)]
+
+
+def part_synthetic(device_name: str, concepts=4, width=320, rows_per_concept=4096 * 20, iters=50):
+    """One SD1.5-sized 320x320 layer with as many input rows per concept as 20 steps at 512x512 give."""
+    import torch
 
     device = torch.device(device_name)
     g = torch.Generator().manual_seed(0)
@@ -283,18 +286,7 @@ def part_synthetic(device_name: str, concepts=4, width=320, rows_per_concept=409
     targets = [
         w0 + (torch.randn(width, 4, generator=g) @ torch.randn(4, width, generator=g) * 0.003).to(device) for _ in range(concepts)
     ]
-    started = time.perf_counter()
-    raw = solve_lbfgs_raw(w0, inputs, [x @ t.T for x, t in zip(inputs, targets, strict=True)], iters)
-    raw_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    group, layer = layer_statistics(inputs, targets, device=device)
-    stats_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    gram = solve_lbfgs(w0, group.gram, layer.cross, layer.const, layer.rows, iters)
-    gram_seconds = time.perf_counter() - started + stats_seconds
-    started = time.perf_counter()
-    exact = solve_exact(w0, group.gram, layer.cross, layer.const, layer.rows)
-    exact_seconds = time.perf_counter() - started + stats_seconds
+    (raw_seconds, raw), (gram_seconds, gram), (exact_seconds, exact) = time_solvers(w0, inputs, targets, iters, device)
     print(
         f"\n== Synthetic SD1.5-size layer: {width}x{width}, {concepts} concepts, {rows_per_concept} rows each (20 steps at "
         f"512x512), {iters} LBFGS iterations, device {device} =="
