@@ -161,41 +161,6 @@ def write_checkpoint(path: str, model, clip, vae) -> str:
 # ------------------------------------------------------------------------------------------------ ED-LoRAs
 
 
-def unet_attention_modules(model) -> list[tuple[str, tuple[int, int]]]:
-    """``(diffusers module name, (out, in))`` of every UNet attention projection of ``model``, sorted by name.
-
-    Sorted because ComfyUI builds its diffusers key map from sets, whose order changes with Python's hash seed.
-    """
-    from mixofshow.edlora.keys import UNET_ATTENTION_PROJECTIONS
-
-    diffusers = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    sd = model.model.diffusion_model.state_dict()
-    out = []
-    for dkey, ldm_key in diffusers.items():
-        module = dkey[: -len(".weight")] if dkey.endswith(".weight") else None
-        if module is None or ".attentions." not in module or ".transformer_blocks." not in module:
-            continue
-        if module.rsplit(".attn", 1)[-1].split(".", 1)[-1] not in UNET_ATTENTION_PROJECTIONS:
-            continue
-        out.append((module, tuple(sd[ldm_key].shape)))
-    return sorted(out)
-
-
-def text_attention_modules(clip) -> list[tuple[str, tuple[int, int]]]:
-    """``(module name, (out, in))`` of every CLIP self-attention projection, in layer order."""
-    from mixofshow.edlora.keys import TEXT_ATTENTION_PROJECTIONS
-
-    sd = clip.cond_stage_model.state_dict()
-    out = []
-    layer = 0
-    while f"clip_l.transformer.text_model.encoder.layers.{layer}.self_attn.q_proj.weight" in sd:
-        for proj in TEXT_ATTENTION_PROJECTIONS:
-            name = f"text_model.encoder.layers.{layer}.self_attn.{proj}"
-            out.append((name, tuple(sd[f"clip_l.transformer.{name}.weight"].shape)))
-        layer += 1
-    return out
-
-
 def make_edlora(
     model,
     clip,
@@ -213,6 +178,7 @@ def make_edlora(
     """
     from mixofshow.edlora.apply import text_embedding_width
     from mixofshow.edlora.format import EDLoRA, LoRAPair
+    from mixofshow.edlora.targets import text_attention_targets, unet_attention_targets
 
     generator = torch.Generator().manual_seed(seed)
     width = text_embedding_width(clip)
@@ -224,18 +190,19 @@ def make_edlora(
         else:
             embeddings[word] = torch.randn(layers, width, generator=generator) * 0.4
 
-    def pairs(modules):
+    def pairs(targets):
         out = {}
-        for module, (out_f, in_f) in modules:
+        for target in targets:
+            out_f, in_f = target.shape[:2]
             down = torch.randn(rank, in_f, generator=generator) * lora_scale
             up = torch.randn(out_f, rank, generator=generator) * lora_scale
-            out[module] = LoRAPair(down=down, up=up)
+            out[target.name] = LoRAPair(down=down, up=up)
         return out
 
     return EDLoRA(
         embeddings=embeddings,
-        unet=pairs(unet_attention_modules(model)) if model is not None else {},
-        text_encoder=pairs(text_attention_modules(clip)),
+        unet=pairs(unet_attention_targets(model)) if model is not None else {},
+        text_encoder=pairs(text_attention_targets(clip)),
         name=name,
     )
 

@@ -68,6 +68,9 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         for name, kind, options in _inputs_in_order(info):
             if is_widget(kind, options):
                 value = node["inputs"].get(name, options.get("default"))
+                if isinstance(value, list):  # a widget fed by a link: a socket that remembers its widget
+                    sockets.append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
+                    value = options.get("default")
                 widgets.append(value)
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
@@ -134,7 +137,10 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
                 f"node {node['id']} ({node['type']}): {len(node['widgets_values'])} widget values, server expects {want}"
             )
         socket_names = [name for name, kind, options in _inputs_in_order(info) if not is_widget(kind, options)]
+        widget_names = {name for name, _ in widget_slots(info)}
         for slot in node.get("inputs", []):
+            if slot.get("widget", {}).get("name") in widget_names:
+                continue
             if slot["name"] not in socket_names:
                 problems.append(f"node {node['id']} ({node['type']}): input {slot['name']} is not a socket of this node")
     for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:

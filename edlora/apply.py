@@ -55,6 +55,14 @@ def text_embedding_width(clip) -> int:
     raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
 
 
+def token_embedding(clip, token: int) -> torch.Tensor:
+    """A copy of the text encoder's embedding of token id ``token`` (``[width]``, float32)."""
+    for key, tensor in clip.cond_stage_model.state_dict().items():
+        if key.endswith("token_embedding.weight"):
+            return tensor[token].detach().float().clone()
+    raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
+
+
 def module_keys(edlora: EDLoRA, model, clip) -> tuple[dict[str, str], dict[str, str]]:
     """``({unet module: model weight key}, {text module: clip weight key})``; mismatches raise like the loader."""
     unet, text = {}, {}

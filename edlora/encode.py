@@ -18,7 +18,7 @@ from .prompt import PLACEHOLDER_CANDIDATES, check_known_words, layer_variants, s
 from .routing import layer_stack_of, layerwise_conditioning
 
 
-def _single_token(clip, word: str) -> int | None:
+def single_token(clip, word: str) -> int | None:
     """The token id ``word`` becomes on its own, or None unless it is exactly one token for every tokenizer."""
     ids = set()
     for chunks in clip.tokenize(f" {word} ", return_word_ids=True).values():
@@ -42,7 +42,7 @@ def choose_stand_ins(clip, prompt_without_words: str, count: int) -> dict[str, i
     for candidate in PLACEHOLDER_CANDIDATES:
         if len(chosen) == count:
             break
-        token = _single_token(clip, candidate)
+        token = single_token(clip, candidate)
         if token is not None and token not in used and token not in chosen.values():
             chosen[candidate] = token
     if len(chosen) < count:
@@ -61,8 +61,12 @@ class LayerwiseTokens:
     variants: dict[str, list[list[tuple]]]  # tokenizer key -> layers x chunks, copy-major
     layers: int
     chunks: int
-    stand_in_tokens: set[int]
+    word_of_token: dict[int, str]  # stand-in token id -> the concept word it stands for
     end_tokens: dict[str, int]
+
+    @property
+    def stand_in_tokens(self) -> set[int]:
+        return set(self.word_of_token)
 
 
 def end_token(clip, key: str) -> int:
@@ -86,7 +90,8 @@ def layerwise_tokens(clip, concepts: ConceptSet | None, text: str) -> LayerwiseT
     tokens = clip.tokenize(substitute_words(text, word_to_stand_in))
     variants = {key: layer_variants(chunks, vectors_by_token, layers) for key, chunks in tokens.items()}
     chunks = len(next(iter(tokens.values())))
-    return LayerwiseTokens(tokens, variants, layers, chunks, set(vectors_by_token), {key: end_token(clip, key) for key in tokens})
+    word_of_token = {stand_ins[s]: w for w, s in word_to_stand_in.items()}
+    return LayerwiseTokens(tokens, variants, layers, chunks, word_of_token, {key: end_token(clip, key) for key in tokens})
 
 
 def encode_layer_stack(clip, tokens: LayerwiseTokens) -> tuple[torch.Tensor, dict]:

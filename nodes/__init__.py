@@ -6,7 +6,7 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import edlora, fusion, regional
+from . import edlora, fusion, regional, train
 
 EDLORA_EXTENSIONS = {".pth", ".pt", ".bin", ".safetensors", ".sft"}
 
@@ -29,4 +29,4 @@ def register_model_folders() -> None:
 
 class MixOfShowExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*edlora.NODES, *fusion.NODES, *regional.NODES]
+        return [*edlora.NODES, *fusion.NODES, *regional.NODES, *train.NODES]

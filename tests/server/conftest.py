@@ -43,7 +43,26 @@ def server_files(tmp_path_factory):
         draw.ellipse([left + 10, 8, left + 40, 30], outline="black", width=3)
         draw.rectangle([left + 5, 32, left + 45, 90], outline="black", width=3)
     sketch.save(os.path.join(base, "input", "mixofshow_sketch.png"))
+    write_training_folder(os.path.join(base, "input", "mixofshow_concept"))
     return base
+
+
+def write_training_folder(folder: str) -> None:
+    """Three photos of a synthetic concept (a red disc) in the original dataset layout: image/, mask/, caption/."""
+    from PIL import Image, ImageDraw
+
+    for sub in ("image", "mask", "caption"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for i, size in enumerate([(160, 128), (128, 176), (144, 144)]):
+        photo = Image.new("RGB", size, (70 + 30 * i, 90, 160))
+        mask = Image.new("L", size, 0)
+        box = [size[0] // 2 - 30, size[1] // 2 - 30, size[0] // 2 + 30, size[1] // 2 + 30]
+        ImageDraw.Draw(photo).ellipse(box, fill=(220, 40, 30))
+        ImageDraw.Draw(mask).ellipse(box, fill=255)
+        photo.save(os.path.join(folder, "image", f"disc{i}.jpg"))
+        mask.save(os.path.join(folder, "mask", f"disc{i}.png"))
+    with open(os.path.join(folder, "caption", "disc0.txt"), "w") as f:
+        f.write("<TOK> on a purple wall\n")
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ PACK_NODES = {
     "MoSWeightFusion",
     "MoSSaveFused",
     "MoSLoadFused",
+    "MoSLoadTrainingImages",
+    "MoSTrainEDLoRA",
 }
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 
@@ -52,7 +54,7 @@ def test_pack_imports_without_failure_and_registers_the_folder(server, object_in
 
 def test_every_ui_workflow_matches_the_server(object_info):
     ui_files = glob.glob(os.path.join(WORKFLOWS, "*.json"))
-    assert len(ui_files) == 3, "workflows/ ships the three UI-format workflows"
+    assert len(ui_files) == 4, "workflows/ ships the four UI-format workflows"
     for path in ui_files:
         with open(path) as f:
             workflow = json.load(f)
@@ -66,7 +68,12 @@ def test_every_ui_workflow_matches_the_server(object_info):
 
 def test_browse_templates_lists_only_ui_workflows(server):
     templates = server.get("/workflow_templates")["mixofshow"]
-    assert sorted(templates) == ["edlora_single_concept", "gradient_fusion_three_concepts", "regional_three_concepts_sketch"]
+    assert sorted(templates) == [
+        "edlora_single_concept",
+        "gradient_fusion_three_concepts",
+        "regional_three_concepts_sketch",
+        "train_edlora_from_folder",
+    ]
     for name in templates:
         workflow = json.loads(server.get_bytes(f"/api/workflow_templates/mixofshow/{name}.json"))
         assert "nodes" in workflow and "links" in workflow, f"{name} must be a UI-format workflow"
@@ -161,3 +168,25 @@ def test_shipped_regional_workflow_with_sketch_layout(server):
     from PIL import Image
 
     assert Image.open(images[0]).size == (192, 96)
+
+
+def test_shipped_training_workflow_trains_saves_and_samples(server):
+    prompt = load_workflow("train_edlora_from_folder")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
+    set_inputs(prompt, "MoSLoadTrainingImages", resolution=128)
+    set_inputs(prompt, "MoSTrainEDLoRA", resolution=128, steps=2, filename="server_trained", save_pth=True)
+    set_inputs(prompt, "EmptyLatentImage", width=128, height=128)
+    set_inputs(prompt, "KSampler", steps=2)
+    entry = server.run(prompt)
+    assert len(server.image_files(entry)) == 1
+    report = " ".join(entry["outputs"]["3"]["text"])
+    assert "Trained <name1> <name2> for 2 steps" in report and "<name1> <name2> on a purple wall" in report
+    assert "MoS Train ED-LoRA: step 2/2" in server.log_text()
+    assert "MoS Load Training Images: 3 images" in server.log_text()
+    folder = os.path.join(server.base_dir, "models", "edloras")
+    assert {"server_trained.safetensors", "server_trained.pth"} <= set(os.listdir(folder))
+    assert "server_trained.safetensors" in server.get("/models/edloras")
+
+    reload = single_concept_prompt("a photo of <name1> <name2> in the garden")
+    set_inputs(reload, "MoSEDLoRALoader", edlora_name="server_trained.pth")
+    assert len(server.image_files(server.run(reload))) == 1

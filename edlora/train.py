@@ -1,0 +1,561 @@
+"""Single-client tuning: train one concept's ED-LoRA on a ComfyUI MODEL/CLIP (paper 3.3.1, reference 1.3-1.7).
+
+What is trained, as in the original main branch:
+
+* one ``[layers, width]`` embedding per concept word (16 layer-wise vectors for SD1.x). The first words start
+  from N(0, 0.013^2), the last word from the class word's token embedding; each start vector is copied to
+  every layer. The token table itself is never touched: the vectors enter prompts as tensors, so every other
+  row stays frozen by construction;
+* a rank-r LoRA (``y = W x + up(down(x))``, no rank scaling; down Kaiming-uniform, up zero) on q/k/v/out of
+  every CLIP self-attention and every UNet attention (self and cross), see :mod:`.targets`.
+
+One step: draw a batch, a DDPM timestep per image and noise with a small per-channel offset; encode the
+captions layer-wise with the live vectors (one batched text-encoder call) and predict the noise (or v) through
+the routed UNet; the loss is the MSE to the target, averaged over the subject mask when masks are used, plus
+the attention regulariser when there are subject masks. AdamW with one learning rate per group, linear decay to
+zero, no warm-up. When the mean norm of the concept vectors reaches the threshold, they stop learning.
+
+ComfyUI loads model weights under ``torch.inference_mode``; such tensors cannot take part in autograd. While a
+run lasts, :func:`autograd_usable` swaps them for ordinary copies with the same values and puts the originals
+back afterwards, so the shared model objects end exactly as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.patcher_extension
+import torch
+import torch.nn.functional as F
+
+from .apply import text_embedding_width, token_embedding
+from .concepts import ConceptEntry, ConceptSet
+from .encode import LayerwiseTokens, layerwise_tokens, single_token
+from .format import EDLoRA, EDLoRAError, LoRAPair
+from .prompt import layer_variants
+from .routing import LAYER_CONTEXT_KEY, cross_attention_layers, install_layer_routing
+from .targets import Target, text_attention_targets, unet_attention_targets
+
+log = logging.getLogger("mixofshow")
+
+RANDOM_INIT_STD = 0.013
+RANDOM_INIT_STD_WITHOUT_CLASS = 0.017
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyperparameters of one run; the defaults are the original's (``8101_EDLoRA_potter_Cmix_B4``)."""
+
+    words: tuple[str, ...] = ("<name1>", "<name2>")
+    class_word: str = ""
+    rank: int = 4
+    steps: int = 500
+    batch_size: int = 2
+    seed: int = 0
+    lr_embedding: float = 1e-3
+    lr_text_encoder: float = 1e-5
+    lr_unet: float = 1e-4
+    weight_decay: float = 0.01
+    noise_offset: float = 0.01
+    embedding_norm_threshold: float = 0.55
+    mask_loss: bool = True
+    attention_reg_weight: float = 0.01
+
+
+@dataclass
+class TrainingData:
+    """What a run learns from: model-space latents, one prompt per image, and the masks."""
+
+    latents: torch.Tensor  # [N, C, h, w], already scaled into the model's latent space
+    prompts: list[str]  # captions with the concept words written out
+    subject_masks: torch.Tensor | None = None  # [N, 1, H, W] in 0..1, image resolution
+
+    def __post_init__(self):
+        if len(self.prompts) != self.latents.shape[0]:
+            raise EDLoRAError(f"{len(self.prompts)} prompts for {self.latents.shape[0]} images.")
+        if self.subject_masks is not None and self.subject_masks.shape[0] != self.latents.shape[0]:
+            raise EDLoRAError(f"{self.subject_masks.shape[0]} masks for {self.latents.shape[0]} images.")
+
+
+@dataclass
+class TrainResult:
+    edlora: EDLoRA
+    losses: list[float] = field(default_factory=list)
+    embedding_norms: list[float] = field(default_factory=list)  # mean concept-vector norm after each step
+    frozen_at: int | None = None  # number of steps after which the embeddings stopped learning
+
+
+# --------------------------------------------------------------------------------------------- plain math
+
+
+def init_lora_pair(out_features: int, in_features: int, rank: int, generator: torch.Generator) -> LoRAPair:
+    """The original's init: ``down`` Kaiming-uniform (a = sqrt 5, i.e. U(+-1/sqrt(in))), ``up`` zero."""
+    bound = 1.0 / math.sqrt(in_features)
+    down = (torch.rand(rank, in_features, generator=generator) * 2.0 - 1.0) * bound
+    return LoRAPair(down=down, up=torch.zeros(out_features, rank))
+
+
+def init_embeddings(
+    words: list[str], class_vector: torch.Tensor | None, layers: int, width: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """``word -> [layers, width]``: the last word copies ``class_vector``, the others N(0, 0.013^2).
+
+    Without a class word every word is N(0, 0.017^2), as the original does for a missing initializer. One
+    start vector per word is repeated over the layers (main branch).
+    """
+    out = {}
+    for i, word in enumerate(words):
+        if class_vector is not None and i == len(words) - 1:
+            vector = class_vector.float().reshape(1, width)
+        else:
+            std = RANDOM_INIT_STD if class_vector is not None else RANDOM_INIT_STD_WITHOUT_CLASS
+            vector = torch.randn(1, width, generator=generator) * std
+        out[word] = vector.repeat(layers, 1)
+    return out
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error per image over the pixels ``mask`` ([B, 1, h, w], weights in 0..1) selects, averaged over the batch."""
+    error = (prediction.float() - target.float()).pow(2)
+    if mask is None:
+        return error.mean()
+    weights = mask.float().expand_as(error)
+    per_image = (error * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+    return per_image.mean()
+
+
+def latent_masks(subject_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Subject masks ``[B, 1, H, W]`` averaged down to the latent grid ``size``."""
+    return F.interpolate(subject_masks.float(), size=size, mode="area")
+
+
+def attention_regularisation(maps: list[tuple[torch.Tensor, tuple[int, int]]], subject_masks: torch.Tensor) -> torch.Tensor:
+    """How much the concept words attend outside the subject (main branch's ``attn_reg``, ``reg_full_identity`` off).
+
+    ``maps`` holds, per cross-attention layer, the head-averaged attention of every pixel to each concept word
+    (``[B, h*w, words]``) and the layer's grid ``(h, w)``. Layers of one resolution are averaged; each word's
+    map is divided by its maximum; the penalty is the map's mean over the pixels outside the mask. Images whose
+    mask covers everything contribute nothing (the original skips the NaN). Summed over words and resolutions,
+    averaged over the batch.
+    """
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for attention, grid in maps:
+        groups.setdefault(grid, []).append(attention.float())
+    total = torch.zeros((), device=subject_masks.device)
+    for (height, width), layer_maps in groups.items():
+        attention = torch.stack(layer_maps).mean(0)
+        batch, _, words = attention.shape
+        attention = attention.transpose(1, 2).reshape(batch, words, height, width)
+        attention = attention / attention.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        outside = 1.0 - F.interpolate(subject_masks.float().to(attention.device), size=(height, width), mode="area")
+        area = outside.sum(dim=(-2, -1))
+        penalty = (attention * outside).sum(dim=(-2, -1)) / area.clamp_min(1e-8)
+        penalty = torch.where(area > 1e-6, penalty, torch.zeros_like(penalty))
+        total = total + penalty.mean(0).sum()
+    return total
+
+
+def mean_embedding_norm(embeddings: dict[str, torch.Tensor]) -> float:
+    """Mean L2 norm over every layer vector of every concept word (what the freeze threshold compares)."""
+    return float(torch.cat([e.detach().float() for e in embeddings.values()]).norm(dim=-1).mean())
+
+
+def diffusion_target(model_sampling, latent: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output: the noise for epsilon models, v (``(noise - sigma x0) / sqrt(sigma^2 + 1)`` at
+    sigma_data 1) for v-prediction models, in ComfyUI's sigma parametrisation (``x_t = x0 + sigma noise``)."""
+    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        s = sigma.reshape(-1, *([1] * (latent.dim() - 1)))
+        data = float(model_sampling.sigma_data)
+        return (noise * data - s * latent / data) / (s**2 + data**2).sqrt()
+    if isinstance(model_sampling, comfy.model_sampling.EPS):
+        return noise
+    raise EDLoRAError(f"ED-LoRA training supports epsilon and v-prediction models, not {type(model_sampling).__name__}.")
+
+
+# ------------------------------------------------------------------------------------- training machinery
+
+
+@contextmanager
+def autograd_usable(*modules: torch.nn.Module) -> Iterator[None]:
+    """Within the block, weights created under ``torch.inference_mode`` are replaced by ordinary copies and no
+    base weight requires a gradient; afterwards every tensor object is back in place unchanged."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    frozen: list[torch.nn.Parameter] = []
+    copies: dict[int, torch.Tensor] = {}
+    try:
+        with torch.inference_mode(False):
+            for root in modules:
+                for module in root.modules():
+                    for store in (module._parameters, module._buffers):
+                        for name, tensor in list(store.items()):
+                            if tensor is None:
+                                continue
+                            if tensor.is_inference():
+                                copy = copies.get(id(tensor))
+                                if copy is None:
+                                    copy = tensor.clone()
+                                    if isinstance(tensor, torch.nn.Parameter):
+                                        copy = torch.nn.Parameter(copy, requires_grad=False)
+                                    copies[id(tensor)] = copy
+                                swapped.append((store, name, tensor))
+                                store[name] = copy
+                            elif isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+                                tensor.requires_grad_(False)
+                                frozen.append(tensor)
+        yield
+    finally:
+        for store, name, tensor in reversed(swapped):
+            store[name] = tensor
+        for tensor in frozen:
+            tensor.requires_grad_(True)
+
+
+@contextmanager
+def layer_norm_inputs_kept(root: torch.nn.Module) -> Iterator[None]:
+    """Give every LayerNorm in ``root`` a copy of its input while the block lasts.
+
+    ComfyUI's CLIP layers update the residual stream in place (``x += attn(norm(x))``), which is fine for
+    inference but destroys the input LayerNorm saved for its backward pass. A copy per LayerNorm is the
+    smallest change that makes the text encoder trainable without touching ComfyUI's code.
+    """
+    handles = []
+    try:
+        for module in root.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                handles.append(module.register_forward_pre_hook(lambda _module, args: (args[0].clone(), *args[1:])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class LoRAHooks:
+    """Trainable rank-r adapters on Linear modules, added to their outputs by forward hooks while attached."""
+
+    def __init__(self, root: torch.nn.Module, targets: list[Target], start: dict[str, LoRAPair], device):
+        missing = [t.name for t in targets if t.name not in start]
+        if missing:
+            raise EDLoRAError(f"The starting ED-LoRA has no LoRA for '{missing[0]}' ({len(missing)} modules missing).")
+        self.targets = targets
+        self.modules = [root.get_submodule(t.module_path) for t in targets]
+        self.down = [torch.nn.Parameter(start[t.name].down.float().to(device).clone()) for t in targets]
+        self.up = [torch.nn.Parameter(start[t.name].up.float().to(device).clone()) for t in targets]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.down, *self.up]
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        handles = []
+        try:
+            for module, down, up in zip(self.modules, self.down, self.up, strict=True):
+                handles.append(module.register_forward_hook(_lora_hook(down, up)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def pairs(self) -> dict[str, LoRAPair]:
+        return {
+            t.name: LoRAPair(down=d.detach().float().cpu().clone(), up=u.detach().float().cpu().clone())
+            for t, d, u in zip(self.targets, self.down, self.up, strict=True)
+        }
+
+
+def _lora_hook(down: torch.Tensor, up: torch.Tensor):
+    def hook(module, args, output):
+        x = args[0]
+        return output + ((x.to(down.dtype) @ down.t()) @ up.t()).to(output.dtype)
+
+    return hook
+
+
+class AttentionProbe:
+    """attn2_replace patch: explicit cross-attention that keeps each layer's head-averaged attention to the
+    concept-word positions of each image (set :attr:`positions`, ``[B, words]``, before the UNet call)."""
+
+    def __init__(self):
+        self.positions: torch.Tensor | None = None
+        self.maps: list[tuple[torch.Tensor, tuple[int, int]]] = []
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        batch, pixels, inner = q.shape
+        dim = inner // heads
+        qh = q.reshape(batch, pixels, heads, dim).transpose(1, 2)
+        kh = k.reshape(batch, -1, heads, dim).transpose(1, 2)
+        vh = v.reshape(batch, -1, heads, dim).transpose(1, 2)
+        probs = ((qh.float() @ kh.float().transpose(-1, -2)) * dim**-0.5).softmax(dim=-1)
+        if self.positions is not None and self.positions.shape[0] == batch:
+            index = self.positions.to(probs.device)[:, None, :].expand(-1, pixels, -1)
+            grid = tuple(extra_options["activations_shape"][-2:])
+            self.maps.append((probs.mean(dim=1).gather(-1, index), grid))
+        return (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(batch, pixels, inner)
+
+
+@dataclass
+class _Caption:
+    tokens: LayerwiseTokens
+    positions: list[int]  # first position of each concept word in the (single) token chunk
+
+
+def class_word_vector(clip, class_word: str) -> torch.Tensor | None:
+    """The token embedding the last concept word starts from; a class word of more than one token is refused."""
+    word = class_word.strip()
+    if not word:
+        return None
+    token = single_token(clip, word)
+    if token is None:
+        pieces = [t[0] for chunks in clip.tokenize(word, return_word_ids=True).values() for c in chunks for t in c if t[2] != 0]
+        raise EDLoRAError(
+            f"class_word {word!r} is {len(pieces)} tokens for this text encoder; the original copies a single token's "
+            "embedding, so use one word that is one token (e.g. 'man', 'dog', 'car')."
+        )
+    return token_embedding(clip, token)
+
+
+def _caption_tokens(clip, concepts: ConceptSet, prompt: str, words: list[str]) -> _Caption:
+    tokens = layerwise_tokens(clip, concepts, prompt)
+    if tokens is None:
+        raise EDLoRAError(f"The training prompt {prompt!r} does not contain the concept words {' '.join(words)}.")
+    truncated = False
+    for key, chunks in tokens.base.items():
+        if len(chunks) > 1:
+            truncated = True
+            tokens.base[key] = chunks[:1]
+    if truncated:
+        log.warning("MoS Train ED-LoRA: the caption %r is longer than 75 tokens and is cut, as the original does.", prompt)
+    chunk = next(iter(tokens.base.values()))[0]
+    first: dict[str, int] = {}
+    for position, item in enumerate(chunk):
+        word = tokens.word_of_token.get(item[0]) if isinstance(item[0], int) else None
+        if word is not None and word not in first:
+            first[word] = position
+    missing = [w for w in words if w not in first]
+    if missing:
+        raise EDLoRAError(f"The concept word {missing[0]} falls beyond the 75-token limit in the training prompt {prompt!r}.")
+    return _Caption(tokens, [first[w] for w in words])
+
+
+def _encode(clip, captions: list[_Caption], embeddings: dict[str, torch.Tensor], layers: int) -> torch.Tensor:
+    """``[B, layers, 77, width]`` for the captions with the live vectors, in one text-encoder call."""
+    variants: dict[str, list] = {}
+    for caption in captions:
+        vectors = {token: embeddings[word] for token, word in caption.tokens.word_of_token.items()}
+        for key, chunks in caption.tokens.base.items():
+            variants.setdefault(key, []).extend(layer_variants(chunks, vectors, layers))
+    cond = clip.cond_stage_model.encode_token_weights(variants)[0]
+    return cond.reshape(len(captions), layers, cond.shape[1] // (layers * len(captions)), cond.shape[2])
+
+
+def check_trainable(model, clip, settings: TrainSettings) -> None:
+    """Refuse settings and models a run cannot use, before any work is done."""
+    if settings.steps < 1 or settings.batch_size < 1 or settings.rank < 1:
+        raise EDLoRAError("steps, batch_size and rank must all be at least 1.")
+    if not settings.words:
+        raise EDLoRAError("An ED-LoRA needs at least one concept word.")
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
+        sampling, (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION)
+    ):
+        raise EDLoRAError(
+            f"ED-LoRA training needs a discrete-time epsilon or v-prediction model (SD1.x); this MODEL samples with "
+            f"{type(sampling).__name__}."
+        )
+    unet_attention_targets(model)
+    text_attention_targets(clip)
+
+
+def initial_edlora(model, clip, settings: TrainSettings, name: str = "<trained>") -> EDLoRA:
+    """Where a run starts (seeded by ``settings.seed``): initial vectors and LoRA pairs with ``up = 0``."""
+    check_trainable(model, clip, settings)
+    generator = torch.Generator().manual_seed(settings.seed)
+    layers = len(cross_attention_layers(model.get_model_object("diffusion_model")))
+    class_vector = class_word_vector(clip, settings.class_word)
+    embeddings = init_embeddings(list(settings.words), class_vector, layers, text_embedding_width(clip), generator)
+
+    def pairs(targets: list[Target]) -> dict[str, LoRAPair]:
+        return {t.name: init_lora_pair(t.shape[0], t.shape[1], settings.rank, generator) for t in targets}
+
+    return EDLoRA(embeddings, pairs(unet_attention_targets(model)), pairs(text_attention_targets(clip)), name=name)
+
+
+class _Session:
+    """One run's device state: routed clones, live vectors and adapters, and the loss of a batch.
+
+    Create it inside ``torch.inference_mode(False)`` with an ExitStack that undoes every hook on exit.
+    """
+
+    def __init__(self, model, clip, start: EDLoRA, data: TrainingData, settings: TrainSettings, stack: ExitStack):
+        self.settings = settings
+        self.words = start.words
+        layer_keys = cross_attention_layers(model.get_model_object("diffusion_model"))
+        self.layers = len(layer_keys)
+        concepts = ConceptSet().add(ConceptEntry(start))
+        self.captions = [_caption_tokens(clip, concepts, prompt, self.words) for prompt in data.prompts]
+
+        self.model = model.clone()
+        install_layer_routing(self.model)
+        use_masks = data.subject_masks is not None
+        self.probe = AttentionProbe() if use_masks and settings.attention_reg_weight > 0 else None
+        if self.probe is not None:
+            for block_name, block_id, t_index in layer_keys:
+                self.model.set_model_attn2_replace(self.probe, block_name, block_id, t_index)
+        self.clip = clip.clone()
+
+        comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
+        self.device = self.model.load_device
+        self.diffusion_model = self.model.model.diffusion_model
+        stack.enter_context(autograd_usable(self.diffusion_model, self.clip.cond_stage_model))
+        stack.enter_context(layer_norm_inputs_kept(self.clip.cond_stage_model))
+        self.clip.cond_stage_model.reset_clip_options()
+        if self.clip.layer_idx is not None:
+            self.clip.cond_stage_model.set_clip_options({"layer": self.clip.layer_idx})
+
+        self.embeddings = {w: torch.nn.Parameter(t.float().to(self.device).clone()) for w, t in start.embeddings.items()}
+        self.unet_lora = LoRAHooks(self.model.model, unet_attention_targets(model), start.unet, self.device)
+        self.text_lora = LoRAHooks(self.clip.cond_stage_model, text_attention_targets(clip), start.text_encoder, self.device)
+        stack.enter_context(self.unet_lora.attached())
+        stack.enter_context(self.text_lora.attached())
+
+        self.sampling = self.model.get_model_object("model_sampling")
+        self.dtype = self.model.model.manual_cast_dtype or self.model.model.get_dtype()
+        self.latents = data.latents.detach().clone().float()
+        self.subject_masks = data.subject_masks.detach().clone().float() if use_masks else None
+        self.loss_masks = (
+            latent_masks(self.subject_masks, tuple(self.latents.shape[-2:])) if use_masks and settings.mask_loss else None
+        )
+
+    def losses(self, index: list[int], timesteps: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(denoising MSE, attention regulariser)`` of images ``index`` at DDPM ``timesteps`` with ``noise``."""
+        x0, noise = self.latents[index].to(self.device), noise.to(self.device)
+        sigma = self.sampling.sigma(timesteps.to(self.device).float())
+        x_in = self.sampling.calculate_input(sigma, self.sampling.noise_scaling(sigma, noise, x0))
+        captions = [self.captions[i] for i in index]
+        context = _encode(self.clip, captions, self.embeddings, self.layers).to(device=self.device, dtype=self.dtype)
+        # what ComfyUI's sampler hands the UNet: the patcher's patches, its wrappers (our layer routing among
+        # them) and the batch description
+        options = dict(self.model.model_options.get("transformer_options", {}))
+        options.update(
+            wrappers=comfy.patcher_extension.copy_nested_dicts(self.model.wrappers), cond_or_uncond=[0] * len(index), sigmas=sigma
+        )
+        if self.probe is not None:
+            self.probe.maps = []
+            self.probe.positions = torch.tensor([c.positions for c in captions], dtype=torch.long)
+        output = self.diffusion_model(
+            x_in.to(self.dtype),
+            self.sampling.timestep(sigma).float(),
+            context=context[:, 0],
+            transformer_options=options,
+            **{LAYER_CONTEXT_KEY: context},
+        ).float()
+        target = diffusion_target(self.sampling, x0, noise, sigma)
+        mse = masked_mse(output, target, None if self.loss_masks is None else self.loss_masks[index].to(self.device))
+        attention = torch.zeros((), device=self.device)
+        if self.probe is not None:
+            attention = attention_regularisation(self.probe.maps, self.subject_masks[index].to(self.device))
+            self.probe.maps = []
+        return mse, attention
+
+    def result(self, name: str, metadata: dict[str, str]) -> EDLoRA:
+        return EDLoRA(
+            embeddings={w: e.detach().float().cpu().clone() for w, e in self.embeddings.items()},
+            unet=self.unet_lora.pairs(),
+            text_encoder=self.text_lora.pairs(),
+            name=name,
+            metadata=metadata,
+        )
+
+
+def train_edlora(
+    model,
+    clip,
+    data: TrainingData,
+    settings: TrainSettings,
+    on_step: Callable[[int, int, float], None] | None = None,
+    name: str = "<trained>",
+    start: EDLoRA | None = None,
+) -> TrainResult:
+    """Train an ED-LoRA for ``settings.words`` on ``data``; ``model``/``clip`` are never modified.
+
+    ``start`` continues from an existing ED-LoRA instead of :func:`initial_edlora`. ``on_step(step, total, loss)``
+    runs after every optimiser step; an exception it raises (ComfyUI's interrupt) ends the run with every model
+    object restored and nothing returned.
+    """
+    if start is None:
+        start = initial_edlora(model, clip, settings, name)
+    else:
+        check_trainable(model, clip, settings)
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    result = TrainResult(edlora=start)
+    with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
+        run = _Session(model, clip, start, data, settings, stack)
+        groups = [
+            {"params": list(run.embeddings.values()), "lr": settings.lr_embedding},
+            {"params": run.text_lora.parameters(), "lr": settings.lr_text_encoder},
+            {"params": run.unet_lora.parameters(), "lr": settings.lr_unet},
+        ]
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
+        scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16 and run.device.type == "cuda")
+        count = run.latents.shape[0]
+        batch = min(settings.batch_size, count)
+        if batch < settings.batch_size:
+            log.warning(
+                "MoS Train ED-LoRA: batch_size %d is more than the %d images; using %d.", settings.batch_size, count, batch
+            )
+        order: list[int] = []
+        for step in range(settings.steps):
+            if len(order) < batch:
+                order += torch.randperm(count, generator=generator).tolist()
+            index, order = order[:batch], order[batch:]
+            timesteps = torch.randint(0, len(run.sampling.sigmas), (batch,), generator=generator)
+            noise = torch.randn((batch, *run.latents.shape[1:]), generator=generator)
+            if settings.noise_offset:
+                noise = noise + settings.noise_offset * torch.randn(batch, noise.shape[1], 1, 1, generator=generator)
+            mse, attention = run.losses(index, timesteps, noise)
+            loss = mse + settings.attention_reg_weight * attention
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(float(loss.detach()))
+            result.embedding_norms.append(mean_embedding_norm(run.embeddings))
+            threshold = settings.embedding_norm_threshold
+            if result.frozen_at is None and 0 < threshold <= result.embedding_norms[-1]:
+                result.frozen_at = step + 1
+                for vector in run.embeddings.values():
+                    vector.requires_grad_(False)
+                log.info(
+                    "MoS Train ED-LoRA: concept vectors reached norm %.3f at step %d and stop learning.", threshold, step + 1
+                )
+            if on_step is not None:
+                on_step(step + 1, settings.steps, result.losses[-1])
+        training = {**asdict(settings), "words": list(run.words), "images": count, "frozen_at": result.frozen_at}
+        result.edlora = run.result(name, {"mixofshow.training": json.dumps(training)})
+    return result
+
+
+def evaluate_losses(
+    model, clip, edlora: EDLoRA, data: TrainingData, settings: TrainSettings, timesteps: torch.Tensor, noise: torch.Tensor
+) -> tuple[float, float]:
+    """``(denoising MSE, attention regulariser)`` of ``edlora`` on all of ``data`` at fixed ``timesteps``/``noise``
+    (one per image), computed exactly as a training step computes them. For tests and benchmarks."""
+    with torch.inference_mode(False), torch.no_grad(), ExitStack() as stack:
+        run = _Session(model, clip, edlora, data, settings, stack)
+        mse, attention = run.losses(list(range(run.latents.shape[0])), timesteps, noise)
+        return float(mse), float(attention)
+
+
+def encode_training_latents(vae, model, images: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W, 3]`` images -> model-space latents (VAE encode, then the model's latent scaling)."""
+    latents = vae.encode(images[..., :3])
+    return model.get_model_object("process_latent_in")(latents)

@@ -1,0 +1,297 @@
+"""Single-client tuning nodes: a training-image folder loader and MoS Train ED-LoRA."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..edlora.apply import load_edlora_into
+from ..edlora.format import EDLoRAError, save_edlora
+from ..edlora.train import TrainingData, TrainSettings, encode_training_latents, train_edlora
+from ..edlora.train_data import DEFAULT_TEMPLATE, expand_captions, parse_concept_words, prepare_images, read_image_folder
+from .types import Concepts
+
+log = logging.getLogger("mixofshow")
+
+SAMPLING_STRENGTH = 0.7
+
+
+def training_folder(folder: str) -> str:
+    """``folder`` as given when absolute, otherwise inside ComfyUI's input directory."""
+    folder = folder.strip()
+    if not folder:
+        raise EDLoRAError("MoS Load Training Images: folder is empty; name a folder inside ComfyUI's input directory.")
+    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+
+
+class LoadTrainingImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSLoadTrainingImages",
+            display_name="MoS Load Training Images",
+            category="mixofshow/training",
+            description=(
+                "Reads a concept's training images (5-20 is typical), their captions and subject masks from a folder, "
+                "and crops them to squares like the original: short side scaled to the resolution, centre kept. "
+                "Layouts: the original Mix-of-Show dataset (image/, caption/, mask/ subfolders) or a flat folder "
+                "(photo.jpg with photo.txt beside it, masks in mask/photo.png). Captions use <TOK> for the concept."
+            ),
+            inputs=[
+                io.String.Input(
+                    "folder",
+                    default="mixofshow_concept",
+                    tooltip="Folder inside ComfyUI's input directory (or an absolute path).",
+                ),
+                io.Int.Input(
+                    "resolution", default=512, min=64, max=2048, step=64, tooltip="Side of the square crops (512 for SD1.x)."
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="The cropped images, one batch."),
+                io.Mask.Output(
+                    display_name="MASK", tooltip="Subject masks, cropped the same way (all ones when the folder has no masks)."
+                ),
+                io.String.Output(display_name="captions", tooltip="One caption per line, in image order (empty lines: none)."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, resolution):
+        path = training_folder(folder)
+        digest = hashlib.sha256(f"{resolution}".encode())
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                stat = os.stat(os.path.join(root, name))
+                digest.update(f"{os.path.relpath(os.path.join(root, name), path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def execute(cls, folder, resolution) -> io.NodeOutput:
+        names, images, masks, captions = read_image_folder(training_folder(folder))
+        cropped, cropped_masks = prepare_images(images, masks, resolution)
+        if cropped_masks is None:
+            cropped_masks = torch.ones(cropped.shape[:3])
+        log.info(
+            "MoS Load Training Images: %d images from %s (%s masks, %d captions)",
+            len(names),
+            folder,
+            "with" if masks else "no",
+            sum(1 for c in captions if c),
+        )
+        return io.NodeOutput(cropped, cropped_masks, "\n".join(captions))
+
+
+class TrainEDLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSTrainEDLoRA",
+            display_name="MoS Train ED-LoRA",
+            category="mixofshow/training",
+            description=(
+                "Single-client tuning (Mix-of-Show 3.3.1): learns one concept from a few images as an ED-LoRA, i.e. 16 "
+                "layer-wise vectors per concept word plus a rank-4 LoRA on every text-encoder and UNet attention. Saves it "
+                "to models/edloras (loader, fusion and the original tools read it) and returns the model patched with it "
+                "at strength 0.7 for sampling right away. Defaults are the original recipe; needs a GPU for real use."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x base model (never modified)."),
+                io.Clip.Input("clip", tooltip="Its CLIP text encoder."),
+                io.Vae.Input("vae", tooltip="Its VAE, to encode the training images."),
+                io.Image.Input(
+                    "images", tooltip="The concept's images (5-20 is typical); resized and centre-cropped to the resolution."
+                ),
+                io.Mask.Input(
+                    "masks",
+                    optional=True,
+                    tooltip="Subject masks, one per image: the loss counts only the subject and the attention of the concept "
+                    "words is kept on it. A mask covering the whole image is the same as none.",
+                ),
+                io.String.Input(
+                    "concept_words",
+                    default="<name1>+<name2>",
+                    tooltip="The concept's words joined by '+'; write them in prompts separated by a space: <name1> <name2>.",
+                ),
+                io.String.Input(
+                    "class_word",
+                    default="person",
+                    tooltip="One-token word the last concept word starts from (man, woman, dog, car...). Empty: all words random.",
+                ),
+                io.String.Input(
+                    "captions",
+                    default="",
+                    multiline=True,
+                    tooltip="One caption per image, <TOK> where the concept goes. Empty lines use the template; a caption "
+                    "without <TOK> gets the template in front.",
+                ),
+                io.String.Input(
+                    "caption_template", default=DEFAULT_TEMPLATE, tooltip="Used where a caption is missing; must contain <TOK>."
+                ),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Training resolution (square)."),
+                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (4 in Mix-of-Show)."),
+                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Optimiser steps."),
+                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Images per step."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Same seed, same inputs: the same ED-LoRA on CPU."
+                ),
+                io.Float.Input(
+                    "lr_embedding", default=1e-3, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the concept vectors."
+                ),
+                io.Float.Input(
+                    "lr_text_encoder",
+                    default=1e-5,
+                    min=0.0,
+                    max=1.0,
+                    step=0.000001,
+                    tooltip="Learning rate of the text-encoder LoRA.",
+                ),
+                io.Float.Input(
+                    "lr_unet", default=1e-4, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the UNet LoRA."
+                ),
+                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="AdamW weight decay."),
+                io.Float.Input("noise_offset", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="Per-channel noise offset."),
+                io.Float.Input(
+                    "embedding_norm_threshold",
+                    default=0.55,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="The concept vectors stop learning once their mean norm reaches this (0: never).",
+                ),
+                io.Boolean.Input("mask_loss", default=True, tooltip="With masks: count the loss only on the subject."),
+                io.Float.Input(
+                    "attention_reg_weight",
+                    default=0.01,
+                    min=0.0,
+                    max=10.0,
+                    step=0.001,
+                    tooltip="With masks: weight of the penalty on concept-word attention outside the subject (0: off).",
+                ),
+                io.String.Input("filename", default="my_concept", tooltip="File name in models/edloras (without extension)."),
+                io.Boolean.Input("save_pth", default=False, tooltip="Also write the original Mix-of-Show .pth layout."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace existing files of that name."),
+            ],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL", tooltip="The model with the new ED-LoRA at strength 0.7 and layer routing."
+                ),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the new ED-LoRA at strength 0.7."),
+                Concepts.Output(display_name="CONCEPTS", tooltip="The new concept's words, for MoS Text Encode."),
+                io.String.Output(display_name="edlora_name", tooltip="The saved file's name in models/edloras."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        vae,
+        images,
+        concept_words,
+        class_word,
+        captions,
+        caption_template,
+        resolution,
+        rank,
+        steps,
+        batch_size,
+        seed,
+        lr_embedding,
+        lr_text_encoder,
+        lr_unet,
+        weight_decay,
+        noise_offset,
+        embedding_norm_threshold,
+        mask_loss,
+        attention_reg_weight,
+        filename,
+        save_pth,
+        overwrite,
+        masks=None,
+    ) -> io.NodeOutput:
+        words = parse_concept_words(concept_words)
+        paths = output_paths(filename, save_pth, overwrite)
+        if masks is not None:
+            masks = masks.reshape(-1, *masks.shape[-2:]) if masks.dim() >= 2 else masks
+            if masks.shape[0] == images.shape[0] and bool((masks >= 0.999).all()):
+                log.info("MoS Train ED-LoRA: the masks cover the whole images; training without masks.")
+                masks = None
+        crops, crop_masks = prepare_images(list(images), None if masks is None else list(masks), resolution)
+        prompts = expand_captions(captions, crops.shape[0], " ".join(words), caption_template)
+        settings = TrainSettings(
+            words=tuple(words),
+            class_word=class_word,
+            rank=rank,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            lr_embedding=lr_embedding,
+            lr_text_encoder=lr_text_encoder,
+            lr_unet=lr_unet,
+            weight_decay=weight_decay,
+            noise_offset=noise_offset,
+            embedding_norm_threshold=embedding_norm_threshold,
+            mask_loss=mask_loss,
+            attention_reg_weight=attention_reg_weight,
+        )
+        latents = encode_training_latents(vae, model, crops)
+        data = TrainingData(latents, prompts, None if crop_masks is None else crop_masks[:, None])
+        bar = comfy.utils.ProgressBar(steps)
+        every = max(1, steps // 20)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(step, total)
+            if step % every == 0 or step == total:
+                log.info("MoS Train ED-LoRA: step %d/%d loss %.4f", step, total, loss)
+
+        name = os.path.basename(paths[0])
+        result = train_edlora(model, clip, data, settings, on_step=on_step, name=name)
+        for path in paths:
+            save_edlora(result.edlora, path)
+        new_model, new_clip, concepts = load_edlora_into(model, clip, result.edlora, SAMPLING_STRENGTH, SAMPLING_STRENGTH)
+        return io.NodeOutput(new_model, new_clip, concepts, name, ui=ui.PreviewText(summary(result, paths, prompts)))
+
+
+def output_paths(filename: str, save_pth: bool, overwrite: bool) -> list[str]:
+    """Where the ED-LoRA goes; refused before training when a file exists and ``overwrite`` is off."""
+    stem = filename.strip()
+    if not stem or "/" in stem or "\\" in stem or stem.startswith(".") or stem != os.path.basename(stem):
+        raise EDLoRAError(f"MoS Train ED-LoRA: filename {filename!r} must be a plain file name (no folders).")
+    if stem.lower().endswith((".safetensors", ".pth")):
+        stem = os.path.splitext(stem)[0]
+    folder = folder_paths.get_folder_paths("edloras")[0]
+    paths = [os.path.join(folder, stem + ".safetensors")]
+    if save_pth:
+        paths.append(os.path.join(folder, stem + ".pth"))
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            raise EDLoRAError(f"MoS Train ED-LoRA: '{path}' exists; set overwrite or choose another filename.")
+    return paths
+
+
+def summary(result, paths: list[str], prompts: list[str]) -> str:
+    losses = result.losses
+    span = max(1, len(losses) // 10)
+    first, last = sum(losses[:span]) / span, sum(losses[-span:]) / span
+    frozen = f"concept vectors frozen after step {result.frozen_at}" if result.frozen_at else "concept vectors learned to the end"
+    lines = [
+        f"Trained {result.edlora.concept_name} for {len(losses)} steps: loss {first:.4f} (first {span}) -> {last:.4f} (last {span}).",
+        frozen + ".",
+        *[f"Saved {p}" for p in paths],
+        f"Training prompt example: {prompts[0]}",
+    ]
+    return "\n".join(lines)
+
+
+NODES = [LoadTrainingImages, TrainEDLoRA]

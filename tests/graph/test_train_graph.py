@@ -1,0 +1,343 @@
+"""ED-LoRA training on real ComfyUI objects: a tiny SD1.x model built under inference mode, as ComfyUI loads models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import comfy.model_management
+import comfy.patcher_extension
+import pytest
+import torch
+
+from mixofshow.devkit.models import tiny_sd1
+from mixofshow.edlora.apply import load_edlora_into
+from mixofshow.edlora.encode import encode_prompt
+from mixofshow.edlora.format import EDLoRAError, load_edlora
+from mixofshow.edlora.routing import layer_stack_of
+from mixofshow.edlora.targets import text_attention_targets, unet_attention_targets
+from mixofshow.edlora.train import (
+    TrainingData,
+    TrainSettings,
+    encode_training_latents,
+    evaluate_losses,
+    initial_edlora,
+    mean_embedding_norm,
+    train_edlora,
+)
+from mixofshow.nodes.edlora import EDLoRALoader
+from mixofshow.nodes.train import TrainEDLoRA
+
+WORDS = ("<disc1>", "<disc2>")
+PROMPT = "a photo of <disc1> <disc2>"
+FAST = dict(words=WORDS, class_word="dog", lr_embedding=3e-2, lr_text_encoder=3e-2, lr_unet=3e-2, embedding_norm_threshold=0.0)
+
+
+def disc_images(count: int = 4, size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic concept: a red disc on a blue-grey background at a few positions, and its masks."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    images, masks = [], []
+    for i in range(count):
+        disc = (((xx - (i - 1.5) * 0.2) ** 2 + (yy - 0.1 * i) ** 2) < 0.25).float()
+        images.append(torch.stack([0.9 * disc + 0.1, 0.2 * disc + 0.3 * (1 - disc), 0.1 + 0.6 * (1 - disc)], -1))
+        masks.append(disc)
+    return torch.stack(images), torch.stack(masks)
+
+
+@pytest.fixture(scope="module")
+def comfy_tiny():
+    """A tiny model whose weights are inference tensors, exactly like models loaded by ComfyUI's loader nodes."""
+    with torch.inference_mode():
+        return tiny_sd1(seed=0)
+
+
+@pytest.fixture(scope="module")
+def disc_data(comfy_tiny):
+    model, _, vae = comfy_tiny
+    images, masks = disc_images()
+    with torch.inference_mode():
+        latents = encode_training_latents(vae, model, images)
+    return TrainingData(latents, [PROMPT] * 4, masks[:, None])
+
+
+@pytest.fixture(scope="module")
+def fixed_noise(disc_data):
+    generator = torch.Generator().manual_seed(99)
+    timesteps = torch.randint(0, 1000, (4,), generator=generator)
+    return timesteps, torch.randn(disc_data.latents.shape, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def trained(comfy_tiny, disc_data):
+    model, clip, _ = comfy_tiny
+    settings = TrainSettings(**FAST, steps=40, batch_size=2, seed=0)
+    with torch.inference_mode():
+        return settings, train_edlora(model, clip, disc_data, settings)
+
+
+def snapshot(module: torch.nn.Module) -> dict:
+    return {name: (tensor, tensor.clone(), tensor.is_inference()) for name, tensor in module.state_dict(keep_vars=True).items()}
+
+
+def assert_untouched(module: torch.nn.Module, before: dict) -> None:
+    after = module.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    for name, (tensor, values, inference) in before.items():
+        assert after[name] is tensor, f"{name} was replaced"
+        assert tensor.is_inference() == inference
+        assert torch.equal(tensor, values), f"{name} changed"
+    for sub in module.modules():
+        assert not sub._forward_hooks and not sub._forward_pre_hooks, f"a hook was left on {type(sub).__name__}"
+
+
+def test_loss_falls_on_a_synthetic_concept(comfy_tiny, disc_data, fixed_noise, trained):
+    model, clip, _ = comfy_tiny
+    settings, result = trained
+    before = evaluate_losses(model, clip, initial_edlora(model, clip, settings), disc_data, settings, *fixed_noise)
+    after = evaluate_losses(model, clip, result.edlora, disc_data, settings, *fixed_noise)
+    assert after[0] < 0.97 * before[0], (before, after)  # masked denoising error on held-out noise
+    assert after[1] < 0.7 * before[1], (before, after)  # concept-word attention moved onto the subject
+    assert len(result.losses) == 40 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_only_the_intended_parameters_change(comfy_tiny, disc_data):
+    model, clip, _ = comfy_tiny
+    unet_before, clip_before = snapshot(model.model), snapshot(clip.cond_stage_model)
+    settings = TrainSettings(**FAST, steps=3, batch_size=2)
+    with torch.inference_mode():
+        result = train_edlora(model, clip, disc_data, settings)
+    assert_untouched(model.model, unet_before)  # includes the token table: every row, not only the concept's
+    assert_untouched(clip.cond_stage_model, clip_before)
+    assert not model.patches and not clip.patcher.patches and not model.wrappers
+
+    start = initial_edlora(model, clip, settings)
+    edlora = result.edlora
+    assert set(edlora.unet) == {t.name for t in unet_attention_targets(model)} and len(edlora.unet) == 16 * 2 * 4
+    assert set(edlora.text_encoder) == {t.name for t in text_attention_targets(clip)} and len(edlora.text_encoder) == 2 * 4
+    for section in ("unet", "text_encoder"):
+        for name, pair in getattr(edlora, section).items():
+            initial = getattr(start, section)[name]
+            assert torch.count_nonzero(pair.up) > 0 and not torch.equal(pair.down, initial.down), name
+    assert edlora.words == list(WORDS) and edlora.layers == 16
+    for word in WORDS:
+        assert not torch.equal(edlora.embeddings[word], start.embeddings[word])
+        assert len({tuple(row.tolist()) for row in edlora.embeddings[word]}) == 16  # each layer learns its own vector
+
+
+def test_training_step_matches_the_sampling_path(comfy_tiny, disc_data, fixed_noise, trained):
+    """The loss a training step computes equals the loss of the saved ED-LoRA loaded and run the way samplers run it."""
+    model, clip, _ = comfy_tiny
+    settings, result = trained
+    plain = TrainingData(disc_data.latents, disc_data.prompts, None)
+    timesteps, noise = fixed_noise
+    training_mse, _ = evaluate_losses(model, clip, result.edlora, plain, settings, timesteps, noise)
+    with torch.inference_mode():
+        patched, patched_clip, concepts = load_edlora_into(model, clip, result.edlora, 1.0, 1.0)
+        cond = encode_prompt(patched_clip, concepts, PROMPT)[0]
+        comfy.model_management.load_models_gpu([patched])
+        sampling = patched.get_model_object("model_sampling")
+        sigma = sampling.sigma(timesteps.float())
+        x_t = disc_data.latents + sigma[:, None, None, None] * noise
+        options = dict(patched.model_options["transformer_options"])
+        options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
+        denoised = patched.model.apply_model(
+            x_t,
+            sigma,
+            c_crossattn=cond[0].expand(4, -1, -1),
+            transformer_options=options,
+            mos_layer_context=layer_stack_of(cond).expand(4, -1, -1, -1),
+        )
+        predicted_noise = (x_t - denoised) / sigma[:, None, None, None]
+    sampling_mse = float((predicted_noise - noise).pow(2).mean())
+    assert training_mse == pytest.approx(sampling_mse, rel=1e-4)
+
+
+def test_same_seed_same_edlora_other_seed_other(comfy_tiny, disc_data):
+    model, clip, _ = comfy_tiny
+    with torch.inference_mode():
+        runs = [train_edlora(model, clip, disc_data, TrainSettings(**FAST, steps=3, seed=seed)) for seed in (5, 5, 6)]
+    a, b, c = (r.edlora for r in runs)
+    assert runs[0].losses == runs[1].losses
+    for word in WORDS:
+        assert torch.equal(a.embeddings[word], b.embeddings[word])
+    assert all(torch.equal(a.unet[m].up, b.unet[m].up) for m in a.unet)
+    assert all(torch.equal(a.text_encoder[m].down, b.text_encoder[m].down) for m in a.text_encoder)
+    assert not torch.equal(a.embeddings[WORDS[0]], c.embeddings[WORDS[0]])
+
+
+def test_embedding_freeze_triggers_at_the_threshold(comfy_tiny, disc_data):
+    model, clip, _ = comfy_tiny
+    settings = TrainSettings(**{**FAST, "embedding_norm_threshold": 0.0}, steps=12, seed=1, attention_reg_weight=0.0)
+    with torch.inference_mode():
+        free = train_edlora(model, clip, disc_data, settings)
+    start_norm = mean_embedding_norm(initial_edlora(model, clip, settings).embeddings)
+    assert free.frozen_at is None and free.embedding_norms[-1] > start_norm + 0.01
+    threshold = (start_norm + free.embedding_norms[-1]) / 2  # reached somewhere in the middle of the run
+    with torch.inference_mode():
+        frozen = train_edlora(
+            model,
+            clip,
+            disc_data,
+            TrainSettings(**{**FAST, "embedding_norm_threshold": threshold}, steps=12, seed=1, attention_reg_weight=0.0),
+        )
+    k = frozen.frozen_at
+    assert k is not None and 1 <= k < 12
+    norms = frozen.embedding_norms
+    assert norms[k - 1] >= threshold and all(n < threshold for n in norms[: k - 1])
+    assert all(n == norms[k - 1] for n in norms[k:])  # not one more change once frozen
+    assert norms[:k] == free.embedding_norms[:k]  # identical until the freeze
+    assert mean_embedding_norm(frozen.edlora.embeddings) == pytest.approx(norms[k - 1])
+    # the LoRA goes on learning after the freeze
+    assert any(not torch.equal(frozen.edlora.unet[m].up, free.edlora.unet[m].up) for m in frozen.edlora.unet)
+
+
+def _mask_losses(model, clip, data, masks, timesteps, noise, **settings):
+    chosen = TrainingData(data.latents, data.prompts, masks)
+    return evaluate_losses(
+        model,
+        clip,
+        initial_edlora(model, clip, TrainSettings(**FAST)),
+        chosen,
+        TrainSettings(**{**FAST, **settings}),
+        timesteps,
+        noise,
+    )
+
+
+def test_masks_change_the_loss_as_specified(comfy_tiny, disc_data, fixed_noise):
+    model, clip, _ = comfy_tiny
+    latents = disc_data.latents
+    left = torch.zeros(4, 1, 128, 128)
+    left[..., :64] = 1.0
+    right = 1.0 - left
+    plain = _mask_losses(model, clip, disc_data, None, *fixed_noise)[0]
+    on_left = _mask_losses(model, clip, disc_data, left, *fixed_noise)[0]
+    on_right = _mask_losses(model, clip, disc_data, right, *fixed_noise)[0]
+    assert on_left != pytest.approx(on_right, rel=1e-3)
+    assert (on_left + on_right) / 2 == pytest.approx(plain, rel=1e-4)  # equal halves: the mean of both is the whole
+    assert _mask_losses(model, clip, disc_data, left, *fixed_noise, mask_loss=False)[0] == pytest.approx(plain, rel=1e-4)
+    # the regulariser only exists with masks and with a weight
+    assert _mask_losses(model, clip, disc_data, None, *fixed_noise)[1] == 0.0
+    assert _mask_losses(model, clip, disc_data, left, *fixed_noise, attention_reg_weight=0.0)[1] == 0.0
+    assert _mask_losses(model, clip, disc_data, left, *fixed_noise)[1] > 0.0
+    assert latents.shape[-1] == 16
+
+
+def test_class_word_must_be_one_token(comfy_tiny, disc_data):
+    model, clip, _ = comfy_tiny
+    with pytest.raises(EDLoRAError, match="class_word 'qwertzuiopasdfgh' is [2-9] tokens"):
+        initial_edlora(model, clip, TrainSettings(words=WORDS, class_word="qwertzuiopasdfgh"))
+    start = initial_edlora(model, clip, TrainSettings(words=WORDS, class_word=""))
+    assert float(start.embeddings[WORDS[1]].norm(dim=-1).mean()) < 0.5  # random, not a token copy
+
+
+# ------------------------------------------------------------------------------------------------ the node
+
+
+def run_node(comfy_tiny, images, **overrides):
+    model, clip, vae = comfy_tiny
+    inputs = dict(
+        model=model,
+        clip=clip,
+        vae=vae,
+        images=images,
+        concept_words="<disc1>+<disc2>",
+        class_word="dog",
+        captions="",
+        caption_template="a photo of <TOK>",
+        resolution=128,
+        rank=4,
+        steps=2,
+        batch_size=2,
+        seed=0,
+        lr_embedding=1e-3,
+        lr_text_encoder=1e-5,
+        lr_unet=1e-4,
+        weight_decay=0.01,
+        noise_offset=0.01,
+        embedding_norm_threshold=0.55,
+        mask_loss=True,
+        attention_reg_weight=0.01,
+        filename="disc",
+        save_pth=False,
+        overwrite=False,
+    )
+    inputs.update(overrides)
+    with torch.inference_mode():
+        return TrainEDLoRA.execute(**inputs)
+
+
+def test_node_saves_a_file_the_loader_reads_identically(comfy_tiny, edloras_dir):
+    images, masks = disc_images(3, size=160)
+    out = run_node(comfy_tiny, images[:, :, :150], masks=masks[:, :, :150], save_pth=True, captions="<TOK> on grey\n\nred <TOK>")
+    model, clip, concepts, name = out.args
+    assert name == "disc.safetensors"
+    assert concepts.words == list(WORDS)
+    saved = load_edlora(str(edloras_dir / "disc.safetensors"))
+    original = load_edlora(str(edloras_dir / "disc.pth"))
+    trained = concepts.entries[0].edlora
+    for edlora in (saved, original):
+        assert edlora.words == trained.words
+        for word in WORDS:
+            assert torch.equal(edlora.embeddings[word], trained.embeddings[word])
+        for section in ("unet", "text_encoder"):
+            ours, theirs = getattr(trained, section), getattr(edlora, section)
+            assert ours.keys() == theirs.keys()
+            assert all(torch.equal(ours[m].down, theirs[m].down) and torch.equal(ours[m].up, theirs[m].up) for m in ours)
+    recorded = json.loads(saved.metadata["mixofshow.training"])
+    assert recorded["steps"] == 2 and recorded["class_word"] == "dog" and recorded["images"] == 3
+    report = out.ui.as_dict()["text"][0]
+    assert "Saved" in report and "loss" in report and "<disc1> <disc2> on grey" in report
+
+    base_model, base_clip, _ = comfy_tiny
+    loaded_model, loaded_clip, loaded_concepts = EDLoRALoader.execute(
+        model=base_model, clip=base_clip, edlora_name="disc.safetensors", unet_strength=0.7, text_encoder_strength=0.7
+    ).args
+    with torch.inference_mode():
+        ours = encode_prompt(clip, concepts, PROMPT)[0]
+        theirs = encode_prompt(loaded_clip, loaded_concepts, PROMPT)[0]
+    assert torch.equal(layer_stack_of(ours), layer_stack_of(theirs))
+    assert model.patches.keys() == loaded_model.patches.keys()
+
+    with pytest.raises(EDLoRAError, match="exists; set overwrite"):
+        run_node(comfy_tiny, images)
+    run_node(comfy_tiny, images, overwrite=True, steps=1)
+
+
+def test_node_interrupt_saves_nothing_and_restores_the_model(comfy_tiny, edloras_dir):
+    model, clip, _ = comfy_tiny
+    unet_before, clip_before = snapshot(model.model), snapshot(clip.cond_stage_model)
+    images, _ = disc_images(2)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(comfy_tiny, images, steps=5)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert os.listdir(edloras_dir) == []
+    assert_untouched(model.model, unet_before)
+    assert_untouched(clip.cond_stage_model, clip_before)
+
+
+def test_node_errors_name_the_problem(comfy_tiny, edloras_dir):
+    images, masks = disc_images(2)
+    with pytest.raises(EDLoRAError, match="'potter2' is not a concept word"):
+        run_node(comfy_tiny, images, concept_words="<potter1>+potter2")
+    with pytest.raises(EDLoRAError, match="3 lines for 2 images"):
+        run_node(comfy_tiny, images, captions="a\nb\nc")
+    with pytest.raises(EDLoRAError, match="1 masks were given for 2 images"):
+        run_node(comfy_tiny, images, masks=masks[:1])
+    with pytest.raises(EDLoRAError, match="plain file name"):
+        run_node(comfy_tiny, images, filename="../escape")
+    with pytest.raises(EDLoRAError, match="tokens for this text encoder"):
+        run_node(comfy_tiny, images, class_word="teddy bear")
+    assert os.listdir(edloras_dir) == []
+
+
+def test_full_sd15_architecture_targets(sd15):
+    model, clip = sd15
+    start = initial_edlora(model, clip, TrainSettings(class_word="man"))
+    assert len(start.unet) == 128 and len(start.text_encoder) == 48
+    assert start.layers == 16 and start.width == 768
+    assert sum(p.down.numel() + p.up.numel() for p in start.unet.values()) == 797_184
+    assert sum(p.down.numel() + p.up.numel() for p in start.text_encoder.values()) == 294_912
