@@ -98,9 +98,9 @@ def _patcher(base) -> comfy.model_patcher.ModelPatcher:
     )
 
 
-def _unet(config_cls, unet_config: dict, seed: int) -> comfy.model_patcher.ModelPatcher:
+def _unet(config_cls, unet_config: dict, seed: int, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
     config = config_cls(dict(unet_config))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     base = config.get_model({})
     init_weights(base.diffusion_model, seed)
     return _patcher(base)
@@ -129,9 +129,9 @@ def _vae(seed: int, ddconfig: dict) -> comfy.sd.VAE:
     return comfy.sd.VAE(sd=module.state_dict(), config=config)
 
 
-def tiny_sd1(seed: int = 0):
+def tiny_sd1(seed: int = 0, unet_dtype: torch.dtype = torch.float32):
     """``(MODEL, CLIP, VAE)``: a tiny SD1.x-shaped model (16 cross-attention layers), deterministic per seed."""
-    return _unet(_TinySD15, TINY_UNET, seed + 1), _clip(seed + 2, TINY_CLIP), _vae(seed + 3, TINY_VAE)
+    return _unet(_TinySD15, TINY_UNET, seed + 1, unet_dtype), _clip(seed + 2, TINY_CLIP), _vae(seed + 3, TINY_VAE)
 
 
 def sd15_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:

@@ -504,7 +504,8 @@ def train_edlora(
         ]
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
-        scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16 and run.device.type == "cuda")
+        # half-precision activations underflow in the backward pass without loss scaling (the original runs fp16 AMP)
+        scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
         count = run.latents.shape[0]
         batch = min(settings.batch_size, count)
         if batch < settings.batch_size:

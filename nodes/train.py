@@ -248,11 +248,14 @@ class TrainEDLoRA(io.ComfyNode):
         data = TrainingData(latents, prompts, None if crop_masks is None else crop_masks[:, None])
         bar = comfy.utils.ProgressBar(steps)
         every = max(1, steps // 20)
+        losses: list[float] = []
 
         def on_step(step: int, total: int, loss: float) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update_absolute(step, total)
-            if step % every == 0 or step == total:
+            losses.append(loss)
+            report = step % every == 0 or step == total
+            bar.update_absolute(step, total, ("PNG", loss_curve(losses, total), 256) if report else None)
+            if report:
                 log.info("MoS Train ED-LoRA: step %d/%d loss %.4f", step, total, loss)
 
         name = os.path.basename(paths[0])
@@ -278,6 +281,32 @@ def output_paths(filename: str, save_pth: bool, overwrite: bool) -> list[str]:
         if os.path.exists(path) and not overwrite:
             raise EDLoRAError(f"MoS Train ED-LoRA: '{path}' exists; set overwrite or choose another filename.")
     return paths
+
+
+def loss_curve(losses: list[float], total: int, width: int = 256, height: int = 128):
+    """A small picture of the loss so far (raw in grey, a running mean in white), shown as the node's preview."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (24, 24, 24))
+    if len(losses) < 2:
+        return image
+    draw = ImageDraw.Draw(image)
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+    window = max(1, len(losses) // 20)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))
+    ]
+
+    def points(values):
+        return [
+            (4 + i * (width - 8) / max(1, total - 1), height - 4 - (v - low) / span * (height - 8)) for i, v in enumerate(values)
+        ]
+
+    draw.line(points(losses), fill=(110, 110, 110), width=1)
+    draw.line(points(smooth), fill=(240, 240, 240), width=2)
+    draw.text((6, 4), f"loss {smooth[-1]:.4f}", fill=(240, 240, 240))
+    return image
 
 
 def summary(result, paths: list[str], prompts: list[str]) -> str:

@@ -231,6 +231,20 @@ def test_class_word_must_be_one_token(comfy_tiny, disc_data):
     assert float(start.embeddings[WORDS[1]].norm(dim=-1).mean()) < 0.5  # random, not a token copy
 
 
+def test_half_precision_unet_trains_with_float32_adapters(disc_data):
+    """ComfyUI runs SD1.5 in fp16 on most GPUs: activations in half precision, adapters in fp32, loss scaling on."""
+    with torch.inference_mode():
+        half, clip, _ = tiny_sd1(seed=0, unet_dtype=torch.float16)
+    assert half.model.get_dtype() == torch.float16
+    settings = TrainSettings(**FAST, steps=3)
+    with torch.inference_mode():
+        result = train_edlora(half, clip, disc_data, settings)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    pair = next(iter(result.edlora.unet.values()))
+    assert pair.up.dtype == torch.float32 and torch.count_nonzero(pair.up) > 0
+    assert next(half.model.diffusion_model.parameters()).dtype == torch.float16
+
+
 # ------------------------------------------------------------------------------------------------ the node
 
 
@@ -302,6 +316,21 @@ def test_node_saves_a_file_the_loader_reads_identically(comfy_tiny, edloras_dir)
     with pytest.raises(EDLoRAError, match="exists; set overwrite"):
         run_node(comfy_tiny, images)
     run_node(comfy_tiny, images, overwrite=True, steps=1)
+
+
+def test_progress_reports_every_step_with_a_loss_preview(comfy_tiny, edloras_dir, monkeypatch):
+    import comfy.utils
+
+    seen = []
+    monkeypatch.setattr(
+        comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: seen.append((value, total, preview))
+    )
+    images, _ = disc_images(2)
+    run_node(comfy_tiny, images, steps=4)
+    assert [(v, t) for v, t, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    kind, picture, size = seen[-1][2]
+    assert kind == "PNG" and picture.size == (256, 128) and size == 256
+    assert len(set(picture.getdata())) > 3  # a curve was drawn
 
 
 def test_node_interrupt_saves_nothing_and_restores_the_model(comfy_tiny, edloras_dir):
