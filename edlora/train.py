@@ -295,7 +295,9 @@ class AttentionProbe:
         probs = ((qh.float() @ kh.float().transpose(-1, -2)) * dim**-0.5).softmax(dim=-1)
         if self.positions is not None and self.positions.shape[0] == batch:
             index = self.positions.to(probs.device)[:, None, :].expand(-1, pixels, -1)
-            grid = tuple(extra_options["activations_shape"][-2:])
+            shape = extra_options.get("activations_shape")
+            side = math.isqrt(pixels)  # training crops are square
+            grid = tuple(shape[-2:]) if shape is not None else (side, side)
             self.maps.append((probs.mean(dim=1).gather(-1, index), grid))
         return (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(batch, pixels, inner)
 

@@ -318,6 +318,36 @@ def test_node_saves_a_file_the_loader_reads_identically(comfy_tiny, edloras_dir)
     run_node(comfy_tiny, images, overwrite=True, steps=1)
 
 
+def test_trained_files_stack_and_fuse(comfy_tiny, edloras_dir):
+    from mixofshow.nodes.fusion import EDLoRAStack, GradientFusion
+
+    model, clip, _ = comfy_tiny
+    images, masks = disc_images(2)
+    run_node(comfy_tiny, images, masks=masks, filename="disc")
+    run_node(comfy_tiny, images.flip(2), concept_words="<ring1>+<ring2>", filename="ring", save_pth=True)
+    concepts = None
+    for name in ("disc.safetensors", "ring.pth"):
+        concepts = EDLoRAStack.execute(edlora_name=name, unet_strength=1.0, text_encoder_strength=1.0, concepts=concepts).args[0]
+    fused_model, fused_clip, fused_concepts, fused, report = GradientFusion.execute(
+        model=model,
+        clip=clip,
+        concepts=concepts,
+        text_encoder_iters=3,
+        unet_iters=2,
+        sample_steps=1,
+        sample_resolution=128,
+        seed=0,
+        solver="exact",
+        device="auto",
+        token_positions="padded",
+    ).args
+    assert fused_concepts.words == ["<disc1>", "<disc2>", "<ring1>", "<ring2>"]
+    assert "<ring1> <ring2>" in report and fused_model is not model
+    with torch.inference_mode():
+        both = encode_prompt(fused_clip, fused_concepts, "<disc1> <disc2> next to <ring1> <ring2>")[0]
+    assert layer_stack_of(both).shape[1] == 16
+
+
 def test_progress_reports_every_step_with_a_loss_preview(comfy_tiny, edloras_dir, monkeypatch):
     import comfy.utils
 
