@@ -52,6 +52,14 @@ def test_pack_imports_without_failure_and_registers_the_folder(server, object_in
         assert object_info[node_id]["description"], f"{node_id} needs a description"
 
 
+def test_every_node_has_a_help_page(object_info):
+    ours = sorted(n for n in object_info if n.startswith("MoS"))
+    assert len(ours) == 15
+    docs = os.path.join(os.path.dirname(WORKFLOWS), "web", "docs")
+    assert [n for n in ours if not os.path.isfile(os.path.join(docs, f"{n}.md"))] == []
+    assert all(object_info[n]["category"].startswith("mixofshow/") for n in ours)
+
+
 def test_every_ui_workflow_matches_the_server(object_info):
     ui_files = glob.glob(os.path.join(WORKFLOWS, "*.json"))
     assert len(ui_files) == 4, "workflows/ ships the four UI-format workflows"
