@@ -22,11 +22,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(REPO_ROOT)
 
 CONFIGS = {
-    # name: (model, resolution argument, batch, masks + attention regulariser)
-    "tiny": ("tiny", "tiny_size", 2, False),
-    "tiny+masks": ("tiny", "tiny_size", 2, True),
-    "sd15": ("sd15", "sd15_size", 1, False),
-    "sd15+masks": ("sd15", "sd15_size", 1, True),
+    # name: (model, resolution argument, batch, masks + attention regulariser, gradient checkpointing)
+    "tiny": ("tiny", "tiny_size", 2, False, False),
+    "tiny+masks": ("tiny", "tiny_size", 2, True, False),
+    "sd15": ("sd15", "sd15_size", 1, False, False),
+    "sd15+masks": ("sd15", "sd15_size", 1, True, False),
+    "sd15+ckpt": ("sd15", "sd15_size", 1, False, True),
 }
 
 
@@ -43,7 +44,7 @@ def worker(name: str, args) -> dict:
     torch.manual_seed(0)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    kind, size_arg, batch, masks = CONFIGS[name]
+    kind, size_arg, batch, masks, checkpointing = CONFIGS[name]
     size = getattr(args, size_arg)
     with torch.inference_mode():
         if kind == "tiny":
@@ -56,7 +57,9 @@ def worker(name: str, args) -> dict:
         subject = torch.zeros(4, 1, size, size)
         subject[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
     data = TrainingData(latents, ["a photo of <b1> <b2> on a table"] * 4, subject)
-    settings = TrainSettings(words=("<b1>", "<b2>"), class_word="dog", steps=args.steps + 1, batch_size=batch)
+    settings = TrainSettings(
+        words=("<b1>", "<b2>"), class_word="dog", steps=args.steps + 1, batch_size=batch, gradient_checkpointing=checkpointing
+    )
     if args.device == "cuda":
         import comfy.model_management
 
@@ -134,6 +137,15 @@ def main() -> int:
         if plain in results and masked in results:
             slow = results[plain]["steps_per_s"] / results[masked]["steps_per_s"]
             print(f"masks + attention regulariser cost {slow:.2f}x time per step on {plain}")
+    if "sd15" in results and "sd15+ckpt" in results:
+        plain, ckpt = results["sd15"], results["sd15+ckpt"]
+        activations = plain["peak_bytes"] - plain["weights_bytes"]
+        activations_ckpt = ckpt["peak_bytes"] - ckpt["weights_bytes"]
+        print(
+            f"gradient checkpointing on sd15: {plain['steps_per_s'] / ckpt['steps_per_s']:.2f}x time per step, peak "
+            f"{ckpt['peak_bytes'] / max(1, plain['peak_bytes']):.2f}x; beyond the weight copy "
+            f"{activations_ckpt / 2**20:.0f} MB vs {activations / 2**20:.0f} MB"
+        )
     return 0
 
 

@@ -223,6 +223,24 @@ def test_masks_change_the_loss_as_specified(comfy_tiny, disc_data, fixed_noise):
     assert latents.shape[-1] == 16
 
 
+def test_gradient_checkpointing_gives_the_same_training(comfy_tiny, disc_data):
+    """Recomputed blocks must see their own layer's routing and masks: same losses, same adapters, same vectors."""
+    model, clip, _ = comfy_tiny
+    runs = []
+    for checkpointing in (False, True):
+        settings = TrainSettings(**FAST, steps=3, gradient_checkpointing=checkpointing)
+        with torch.inference_mode():
+            runs.append(train_edlora(model, clip, disc_data, settings))
+    plain, checkpointed = runs
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
+    for word in WORDS:
+        assert torch.allclose(checkpointed.edlora.embeddings[word], plain.edlora.embeddings[word], atol=1e-6)
+    for name, pair in plain.edlora.unet.items():
+        assert torch.allclose(checkpointed.edlora.unet[name].up, pair.up, atol=1e-6), name
+    for sub in model.model.diffusion_model.modules():
+        assert "forward" not in sub.__dict__  # every wrapper removed
+
+
 def test_class_word_must_be_one_token(comfy_tiny, disc_data):
     model, clip, _ = comfy_tiny
     with pytest.raises(EDLoRAError, match="class_word 'qwertzuiopasdfgh' is [2-9] tokens"):
@@ -272,6 +290,7 @@ def run_node(comfy_tiny, images, **overrides):
         embedding_norm_threshold=0.55,
         mask_loss=True,
         attention_reg_weight=0.01,
+        gradient_checkpointing=False,
         filename="disc",
         save_pth=False,
         overwrite=False,
@@ -324,7 +343,9 @@ def test_trained_files_stack_and_fuse(comfy_tiny, edloras_dir):
     model, clip, _ = comfy_tiny
     images, masks = disc_images(2)
     run_node(comfy_tiny, images, masks=masks, filename="disc")
-    run_node(comfy_tiny, images.flip(2), concept_words="<ring1>+<ring2>", filename="ring", save_pth=True)
+    run_node(
+        comfy_tiny, images.flip(2), concept_words="<ring1>+<ring2>", filename="ring", save_pth=True, gradient_checkpointing=True
+    )
     concepts = None
     for name in ("disc.safetensors", "ring.pth"):
         concepts = EDLoRAStack.execute(edlora_name=name, unet_strength=1.0, text_encoder_strength=1.0, concepts=concepts).args[0]
