@@ -112,8 +112,9 @@ class TrainEDLoRA(io.ComfyNode):
                 io.Mask.Input(
                     "masks",
                     optional=True,
-                    tooltip="Subject masks, one per image: the loss counts only the subject and the attention of the concept "
-                    "words is kept on it. A mask covering the whole image is the same as none.",
+                    tooltip="Subject masks, one per image, white (1) = subject: the loss counts only the subject and the "
+                    "attention of the concept words is kept on it. A mask covering the whole image is the same as none. "
+                    "(Core Load Image's MASK is inverted alpha; invert it first.)",
                 ),
                 io.String.Input(
                     "concept_words",
