@@ -29,6 +29,11 @@ def edlora_path(name: str) -> str:
     return path
 
 
+def is_plain_file_name(stem: str) -> bool:
+    """True for a name that stays inside its folder: not empty, no folder separators, not hidden."""
+    return bool(stem) and "/" not in stem and os.sep not in stem and not stem.startswith(".")
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -192,7 +197,7 @@ class ConvertEDLoRA(io.ComfyNode):
         source = edlora_path(edlora_name)
         folder, extension = CONVERT_TARGETS[target]
         stem = output_name.strip() or os.path.splitext(os.path.basename(edlora_name))[0]
-        if os.sep in stem or "/" in stem or stem.startswith("."):
+        if not is_plain_file_name(stem):
             raise EDLoRAError(f"MoS Convert ED-LoRA: output_name {output_name!r} must be a plain file name.")
         directory = folder_paths.get_folder_paths(folder)[0]
         destination = os.path.join(directory, stem + extension)

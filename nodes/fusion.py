@@ -11,7 +11,7 @@ from ..edlora.concepts import ConceptEntry, ConceptSet
 from ..edlora.format import load_edlora
 from ..fusion.bundle import FusedFileError, load_fused, save_fused
 from ..fusion.procedure import BaseWeights, FusionError, FusionSettings, fingerprint, gradient_fusion, weight_fusion
-from .edlora import edlora_path, file_sha256
+from .edlora import edlora_path, file_sha256, is_plain_file_name
 from .types import Concepts, Fused
 
 FUSED_FOLDER = "mixofshow_fused"
@@ -268,7 +268,7 @@ class SaveFused(io.ComfyNode):
     @classmethod
     def execute(cls, fused, model, clip, filename, storage, include_statistics, overwrite) -> io.NodeOutput:
         stem = filename.strip()
-        if not stem or "/" in stem or os.sep in stem or stem.startswith("."):
+        if not is_plain_file_name(stem):
             raise FusedFileError(f"MoS Save Fused: filename {filename!r} must be a plain file name.")
         base = BaseWeights(model, clip)
         keys = sorted({*fused.unet_diffs, *fused.text_diffs})

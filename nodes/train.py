@@ -16,6 +16,7 @@ from ..edlora.apply import load_edlora_into
 from ..edlora.format import EDLoRAError, save_edlora
 from ..edlora.train import TrainingData, TrainSettings, encode_training_latents, train_edlora
 from ..edlora.train_data import DEFAULT_TEMPLATE, expand_captions, parse_concept_words, prepare_images, read_image_folder
+from .edlora import is_plain_file_name
 from .types import Concepts
 
 log = logging.getLogger("mixofshow")
@@ -277,7 +278,7 @@ class TrainEDLoRA(io.ComfyNode):
 def output_paths(filename: str, save_pth: bool, overwrite: bool) -> list[str]:
     """Where the ED-LoRA goes; refused before training when a file exists and ``overwrite`` is off."""
     stem = filename.strip()
-    if not stem or "/" in stem or "\\" in stem or stem.startswith(".") or stem != os.path.basename(stem):
+    if not is_plain_file_name(stem):
         raise EDLoRAError(f"MoS Train ED-LoRA: filename {filename!r} must be a plain file name (no folders).")
     if stem.lower().endswith((".safetensors", ".pth")):
         stem = os.path.splitext(stem)[0]
