@@ -7,7 +7,7 @@ runtime:
 	@$(RUNTIME) && echo "ComfyUI: $$COMFYUI_DIR  python: $$PYTHON"
 
 test:
-	@$(RUNTIME) && "$$PYTHON" -m pytest
+	@$(RUNTIME) && bash scripts/install_browser.sh && "$$PYTHON" -m pytest
 
 demo:
 	@$(RUNTIME) && "$$PYTHON" scripts/demo.py

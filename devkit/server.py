@@ -15,6 +15,8 @@ import urllib.request
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_DIR_NAME = "mixofshow"
+#: The small SD1.x checkpoint the test server finds in its models/checkpoints (written by the tests' fixture).
+TEST_CHECKPOINT = "mos-test-small-sd1.safetensors"
 
 
 class ComfyServerError(RuntimeError):

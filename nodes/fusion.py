@@ -137,7 +137,9 @@ class GradientFusion(io.ComfyNode):
                     default=0,
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
-                    tooltip="Seed of the per-concept samples; fusion is deterministic.",
+                    control_after_generate=True,
+                    tooltip="Seed of the per-concept samples; fusion is deterministic. Keep 'control after generate' at "
+                    "fixed: another seed means another fusion run.",
                 ),
                 io.Combo.Input(
                     "solver",

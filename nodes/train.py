@@ -142,7 +142,13 @@ class TrainEDLoRA(io.ComfyNode):
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Optimiser steps."),
                 io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Images per step."),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Same seed, same inputs: the same ED-LoRA on CPU."
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Same seed, same inputs: the same ED-LoRA on CPU. Keep 'control after generate' at fixed: "
+                    "another seed means another training run.",
                 ),
                 io.Float.Input(
                     "lr_embedding", default=1e-3, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the concept vectors."

@@ -8,10 +8,8 @@ import os
 
 import pytest
 
+from mixofshow.devkit.server import TEST_CHECKPOINT as DEMO_CKPT
 from mixofshow.devkit.server import ComfyServerError, load_workflow, set_inputs
-from mixofshow.devkit.workflows import check_ui_workflow
-
-from .conftest import DEMO_CKPT
 
 PACK_NODES = {
     "MoSEDLoRALoader",
@@ -60,18 +58,19 @@ def test_every_node_has_a_help_page(object_info):
     assert all(object_info[n]["category"].startswith("mixofshow/") for n in ours)
 
 
-def test_every_ui_workflow_matches_the_server(object_info):
+def test_every_ui_workflow_has_an_api_twin_with_the_same_nodes():
+    """What the UI files hold is checked in the real frontend (tests/browser); here only that the twins pair up."""
     ui_files = glob.glob(os.path.join(WORKFLOWS, "*.json"))
     assert len(ui_files) == 4, "workflows/ ships the four UI-format workflows"
     for path in ui_files:
         with open(path) as f:
             workflow = json.load(f)
-        assert check_ui_workflow(workflow, object_info) == [], os.path.basename(path)
         api_twin = os.path.join(WORKFLOWS, "api", os.path.basename(path))
         assert os.path.exists(api_twin), f"{os.path.basename(path)} needs an API-format twin"
         with open(api_twin) as f:
             api = json.load(f)
-        assert sorted(n["type"] for n in workflow["nodes"]) == sorted(n["class_type"] for n in api.values())
+        ui_types = sorted(n["type"] for n in workflow["nodes"] if n["type"] not in ("Note", "MarkdownNote"))
+        assert ui_types == sorted(n["class_type"] for n in api.values())
 
 
 def test_browse_templates_lists_only_ui_workflows(server):
