@@ -53,7 +53,8 @@ def layer_output_drift(model, clip, fused, concepts) -> tuple[float, float]:
     from mixofshow.edlora.apply import module_keys
     from mixofshow.edlora.encode import encode_prompt
     from mixofshow.fusion.capture import GramCapture
-    from mixofshow.fusion.procedure import DRIFT_SEED, BaseWeights, denoiser_outputs
+    from mixofshow.fusion.drift import DRIFT_SEED, denoiser_outputs
+    from mixofshow.fusion.weights import BaseWeights
 
     base = BaseWeights(model, clip)
     keys = sorted(fused.unet_diffs)
@@ -91,7 +92,8 @@ def layer_output_drift(model, clip, fused, concepts) -> tuple[float, float]:
 
 def part_drift(counts=(2, 4)):
     from mixofshow.devkit.models import tiny_sd1
-    from mixofshow.fusion.procedure import FusionSettings, gradient_fusion, weight_fusion
+    from mixofshow.fusion.procedure import gradient_fusion, weight_fusion
+    from mixofshow.fusion.results import FusionSettings
 
     model, clip, _ = tiny_sd1(seed=0)
     print("\n== Identity drift (tiny SD1.x model, random ED-LoRAs; lower is better) ==")
@@ -183,7 +185,7 @@ def part_speed(device_name: str, counts=(2, 4, 8), resolution=256, steps=4, iter
 
     from mixofshow.devkit.models import clip_l, sd15_unet
     from mixofshow.edlora.apply import module_keys
-    from mixofshow.fusion.procedure import BaseWeights
+    from mixofshow.fusion.weights import BaseWeights
 
     device = torch.device(device_name)
     model, clip = sd15_unet(seed=0), clip_l(seed=0)
@@ -301,14 +303,13 @@ def rows_per_step(model, resolution):
     """Input rows per UNet call of each attention projection at ``resolution`` (tokens of its feature map)."""
     import torch
 
-    from mixofshow.edlora.routing import cross_attention_modules
+    from mixofshow.edlora.arch import cross_attention_sites
 
     diffusion_model = model.get_model_object("diffusion_model")
     side = resolution // 8
     tokens = {}
-    names = {id(m): n for n, m in diffusion_model.named_modules()}
-    for attn in cross_attention_modules(diffusion_model):
-        name = names[id(attn)]
+    for site in cross_attention_sites(diffusion_model):
+        name = site.path
         base = name.rsplit(".attn2", 1)[0]
         level = {
             "input_blocks.1": 0,

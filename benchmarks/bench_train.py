@@ -39,7 +39,7 @@ def worker(name: str, args) -> dict:
     import torch
 
     from mixofshow.devkit import models
-    from mixofshow.edlora.train import TrainingData, TrainSettings, train_edlora
+    from mixofshow.training.loop import TrainingData, TrainSettings, train_edlora
 
     torch.manual_seed(0)
     if args.device == "cpu":

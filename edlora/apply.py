@@ -12,9 +12,10 @@ import comfy.lora
 import torch
 
 from . import keys as edkeys
+from .arch import layer_count
 from .concepts import ConceptEntry, ConceptSet
 from .format import EDLoRA, EDLoRAError, to_kohya_state_dict
-from .routing import cross_attention_layers, install_layer_routing
+from .routing import install_layer_routing
 
 
 def _resolve(pairs, namer, key_map: dict, state_shapes: dict, what: str, edlora: EDLoRA) -> dict[str, str]:
@@ -103,7 +104,7 @@ def check_embeddings_fit(edlora: EDLoRA, model, clip) -> None:
                 f"encoder uses {width}-wide token embeddings (SD1.x CLIP-L is 768)."
             )
     if model is not None:
-        layers = len(cross_attention_layers(model.get_model_object("diffusion_model")))
+        layers = layer_count(model.get_model_object("diffusion_model"))
         if edlora.layers not in (1, layers):
             raise EDLoRAError(
                 f"'{edlora.name}': concept embeddings have {edlora.layers} layer-wise vectors per word "

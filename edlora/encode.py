@@ -15,7 +15,7 @@ import torch
 from .concepts import ConceptSet
 from .format import EDLoRAError
 from .prompt import PLACEHOLDER_CANDIDATES, check_known_words, layer_variants, substitute_words
-from .routing import layer_stack_of, layerwise_conditioning
+from .routing import layerwise_conditioning
 
 
 def single_token(clip, word: str) -> int | None:
@@ -110,12 +110,3 @@ def encode_prompt(clip, concepts: ConceptSet | None, text: str) -> list:
     stack, extra = encode_layer_stack(clip, tokens)
     pooled = extra.pop("pooled_output")
     return [layerwise_conditioning(stack, {"pooled_output": pooled, **extra})]
-
-
-def encoded_layer_count(conditioning: list) -> int:
-    """Layer count of the first layer-wise entry of a CONDITIONING, or 0."""
-    for entry in conditioning:
-        stack = layer_stack_of(entry)
-        if stack is not None:
-            return int(stack.shape[1])
-    return 0

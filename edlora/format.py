@@ -15,23 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
 from . import keys as edkeys
+from .files import ModelFileError, atomic_write, check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
 
 FORMAT_NAME = "mixofshow.edlora"
 FORMAT_VERSION = "1"
 CONCEPT_WORD_RE = re.compile(r"<[^<>\s]+>")
 
 
-class EDLoRAError(ValueError):
-    """A file or value that is not a usable ED-LoRA; the message names the file and the problem."""
+class EDLoRAError(ModelFileError):
+    """A file or value that is not a usable ED-LoRA; the message names the file or input and the problem."""
 
 
 @dataclass(frozen=True)
@@ -102,44 +100,16 @@ def load_edlora(path: str, name: str | None = None) -> EDLoRA:
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise EDLoRAError(f"ED-LoRA file '{name}' does not exist ({path}).")
-    if path.lower().endswith((".safetensors", ".sft")):
+    if is_safetensors(path):
         return _read_safetensors(path, name)
-    return edlora_from_state(_read_torch(path, name), name)
-
-
-def _read_torch(path: str, name: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
-            raise EDLoRAError(
-                f"Refused to load '{name}': it contains pickled Python objects other than tensors and plain "
-                "containers. Unpickling such a file can run arbitrary code, so it is never loaded. A genuine "
-                "ED-LoRA holds only tensors; convert it with the original tools or ask its author for a "
-                ".safetensors file."
-            ) from None
-        raise EDLoRAError(f"'{name}' is not a readable PyTorch file (corrupt or truncated?): {text.splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EDLoRAError(f"'{name}' is not a readable PyTorch file (corrupt or truncated?): {first}") from None
+    return edlora_from_state(read_torch(path, name, EDLoRAError), name)
 
 
 def _read_safetensors(path: str, name: str) -> EDLoRA:
-    import safetensors
-
-    try:
-        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own exception types for every kind of damage
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EDLoRAError(f"'{name}' is not a readable safetensors file (corrupt or truncated?): {first}") from None
+    tensors, metadata = read_safetensors(path, name, EDLoRAError)
     if metadata.get("format_name") != FORMAT_NAME:
         raise EDLoRAError(f"'{name}' is a safetensors file but not an ED-LoRA: {_describe_foreign(tensors)}")
-    version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise EDLoRAError(f"'{name}' uses ED-LoRA safetensors format version {version!r}; this pack reads {FORMAT_VERSION!r}.")
+    check_format(metadata, name, FORMAT_NAME, (FORMAT_VERSION,), EDLoRAError)
     try:
         words = json.loads(metadata["concept_words"])
     except (KeyError, json.JSONDecodeError):
@@ -301,32 +271,7 @@ def save_edlora(edlora: EDLoRA, path: str, spelling: str = "main") -> str:
 
     The file is written next to its destination and moved into place, so a failure never leaves half a file.
     """
-    if path.lower().endswith((".safetensors", ".sft")):
+    if is_safetensors(path):
         tensors, metadata = to_safetensors_state(edlora)
         return write_safetensors(tensors, metadata, path)
-    return _atomic_write(path, lambda tmp: torch.save(to_original_state(edlora, spelling), tmp))
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> str:
-    """Write a safetensors file atomically."""
-    import safetensors.torch
-
-    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
-
-
-def _atomic_write(path: str, writer) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
-    try:
-        writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(to_original_state(edlora, spelling), tmp))

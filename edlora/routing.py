@@ -11,8 +11,8 @@ How the 16 encodings travel through ComfyUI (a design decision, see README "Desi
 * A CALC_COND_BATCH wrapper gives conds without a stack (a plain negative prompt) their own context repeated
   over the layers, so ComfyUI still batches cond and uncond into one UNet call.
 
-The layer order is discovered from the model (attn2 modules in execution order: input blocks, middle,
-output blocks), which for SD1.x is the 16-layer order of ED-LoRA embeddings.
+The layer order is discovered from the model (:mod:`.arch`: attn2 modules in execution order, one layer per
+spatial transformer), which for SD1.x is the 16-layer order of ED-LoRA embeddings.
 """
 
 from __future__ import annotations
@@ -23,43 +23,10 @@ import comfy.conds
 import comfy.patcher_extension
 import torch
 
+from .arch import cross_attention_sites, layer_of_site
+
 LAYER_CONTEXT_KEY = "mos_layer_context"
 WRAPPER_KEY = "mixofshow_layer_context"
-
-
-def cross_attention_layers(diffusion_model: torch.nn.Module) -> list[tuple[str, int, int]]:
-    """``(block_name, block_id, transformer_index)`` of every cross-attention layer, in execution order."""
-    keys: list[tuple[str, int, int]] = []
-    groups = (
-        ("input", getattr(diffusion_model, "input_blocks", [])),
-        ("middle", [getattr(diffusion_model, "middle_block", [])]),
-        ("output", getattr(diffusion_model, "output_blocks", [])),
-    )
-    for block_name, blocks in groups:
-        for block_id, block in enumerate(blocks):
-            for module in block:
-                for t_index, tblock in enumerate(getattr(module, "transformer_blocks", [])):
-                    attn2 = getattr(tblock, "attn2", None)
-                    if attn2 is not None and not getattr(tblock, "switch_temporal_ca_to_sa", False):
-                        keys.append((block_name, block_id, t_index))
-    return keys
-
-
-def cross_attention_modules(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The attn2 modules in the same order as :func:`cross_attention_layers`."""
-    out = []
-    groups = (
-        getattr(diffusion_model, "input_blocks", []),
-        [getattr(diffusion_model, "middle_block", [])],
-        getattr(diffusion_model, "output_blocks", []),
-    )
-    for blocks in groups:
-        for block in blocks:
-            for module in block:
-                for tblock in getattr(module, "transformer_blocks", []):
-                    if getattr(tblock, "attn2", None) is not None and not getattr(tblock, "switch_temporal_ca_to_sa", False):
-                        out.append(tblock.attn2)
-    return out
 
 
 class LayerContextCond(comfy.conds.CONDRegular):
@@ -95,9 +62,8 @@ def layer_stack_of(entry) -> torch.Tensor | None:
 class LayerContextRouter:
     """attn2_patch: give cross-attention layer *i* the slice *i* of the layer-context stack of its batch."""
 
-    def __init__(self, layer_keys: list[tuple[str, int, int]]):
-        self.layer_keys = list(layer_keys)
-        self.index = {key: i for i, key in enumerate(self.layer_keys)}
+    def __init__(self, layer_of: dict[tuple[str, int, int], int]):
+        self.index = dict(layer_of)
 
     def __call__(self, n, context, value, extra_options):
         stack = extra_options.get(LAYER_CONTEXT_KEY)
@@ -149,12 +115,13 @@ def install_layer_routing(model_patcher) -> int:
 
     Installing twice is a no-op, so chained loaders share one router.
     """
-    layer_keys = cross_attention_layers(model_patcher.get_model_object("diffusion_model"))
+    layer_of = layer_of_site(cross_attention_sites(model_patcher.get_model_object("diffusion_model")))
+    layers = len(set(layer_of.values()))
     if is_routed(model_patcher):
-        return len(layer_keys)
-    model_patcher.set_model_attn2_patch(LayerContextRouter(layer_keys))
+        return layers
+    model_patcher.set_model_attn2_patch(LayerContextRouter(layer_of))
     model_patcher.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _move_stack_to_transformer_options
     )
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _fill_missing_stacks)
-    return len(layer_keys)
+    return layers

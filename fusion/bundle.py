@@ -23,16 +23,17 @@ import re
 import torch
 
 from ..edlora.concepts import ConceptEntry, ConceptSet
-from ..edlora.format import EDLoRA, EDLoRAError, write_safetensors
-from .procedure import FusedModel, StageReport
-from .stats import GramGroup, LayerStats
+from ..edlora.files import ModelFileError, check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
+from ..edlora.format import EDLoRA, EDLoRAError
+from .results import FusedModel, StageReport
+from .stats import FusionStats
 
 FORMAT_NAME = "mixofshow.fused"
 FORMAT_VERSION = "1"
 
 
-class FusedFileError(ValueError):
-    pass
+class FusedFileError(ModelFileError):
+    """A fused model file (or the inputs of saving one) that cannot be used; the message names the file."""
 
 
 def save_fused(
@@ -64,15 +65,8 @@ def save_fused(
         if fused.stats is None:
             raise FusedFileError(f"this {fused.method} result has no statistics to include (only gradient fusion keeps them).")
         for stage, stats in fused.stats.items():
-            index = {"groups": {}, "layers": {}}
-            for name, group in stats["groups"].items():
-                tensors[f"stats.{stage}.gram.{name}"] = group.gram.contiguous()
-                index["groups"][name] = group.rows
-            for key, layer in stats["layers"].items():
-                tensors[f"stats.{stage}.cross.{key}"] = layer.cross.contiguous()
-                tensors[f"stats.{stage}.const.{key}"] = layer.const.reshape(1).contiguous()
-                index["layers"][key] = {"group": layer.group, "rows": layer.rows, "concepts": layer.concepts}
-            stats_index[stage] = index
+            stage_tensors, stats_index[stage] = stats.to_tensors(f"stats.{stage}")
+            tensors.update(stage_tensors)
     sources = sources or {}
     concepts_meta = [
         {
@@ -111,24 +105,12 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
     name = os.path.basename(path)
     if os.path.basename(path) == "new_concept_cfg.json":
         return _load_diffusers_folder(os.path.dirname(path), base_weights_fn)
-    if not path.lower().endswith((".safetensors", ".sft")):
+    if not is_safetensors(path):
         return _load_research_combined(path, base_weights_fn)
-    import safetensors
-
-    try:
-        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise FusedFileError(
-            f"'{name}' is not a readable safetensors file (corrupt or truncated?): {str(exc).splitlines()[0]}"
-        ) from None
+    tensors, metadata = read_safetensors(path, name, FusedFileError)
     if metadata.get("format_name") != FORMAT_NAME:
         raise FusedFileError(f"'{name}' is not a Mix-of-Show fused bundle (an ED-LoRA goes to MoS ED-LoRA Loader).")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise FusedFileError(
-            f"'{name}' has fused-bundle version {metadata.get('format_version')!r}; this pack reads {FORMAT_VERSION!r}."
-        )
+    check_format(metadata, name, FORMAT_NAME, (FORMAT_VERSION,), FusedFileError)
     words = json.loads(metadata["concept_words"])
     embeddings = {w: tensors[f"embedding.{i}"] for i, w in enumerate(words)}
     concepts = _concept_set(json.loads(metadata.get("concepts", "[]")), embeddings, name)
@@ -139,7 +121,8 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
             sections[prefix][rest] = tensor
     if metadata.get("storage") == "full":
         sections = {s: _full_to_diff(v, base_weights_fn, name) for s, v in sections.items()}
-    stats = _read_stats(tensors, json.loads(metadata.get("stats_index", "{}")))
+    index = json.loads(metadata.get("stats_index", "{}"))
+    stats = {stage: FusionStats.from_tensors(tensors, entry, f"stats.{stage}") for stage, entry in index.items()}
     reports = {k: StageReport(**v) for k, v in json.loads(metadata.get("stage_reports", "{}")).items()}
     return FusedModel(
         method=metadata.get("method", "fused"),
@@ -198,24 +181,6 @@ def _full_to_diff(full: dict[str, torch.Tensor], base_weights_fn, name: str) -> 
     return out
 
 
-def _read_stats(tensors: dict[str, torch.Tensor], index: dict) -> dict:
-    stats = {}
-    for stage, entry in index.items():
-        groups = {g: GramGroup(tensors[f"stats.{stage}.gram.{g}"].to(torch.float64), rows) for g, rows in entry["groups"].items()}
-        layers = {
-            k: LayerStats(
-                v["group"],
-                tensors[f"stats.{stage}.cross.{k}"].to(torch.float64),
-                tensors[f"stats.{stage}.const.{k}"].to(torch.float64).reshape(()),
-                v["rows"],
-                list(v["concepts"]),
-            )
-            for k, v in entry["layers"].items()
-        }
-        stats[stage] = {"groups": groups, "layers": layers}
-    return stats
-
-
 # ------------------------------------------------------------------------------------------ the original's outputs
 
 #: ``(diffusers weight key -> model key, text-encoder weight key -> clip key)`` for the connected base model.
@@ -224,22 +189,9 @@ KeyMaps = tuple[dict[str, str], dict[str, str]]
 _ATTENTION_WEIGHT = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q_proj|k_proj|v_proj|out_proj))\.weight$")
 
 
-def _torch_load(path: str, name: str):
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise FusedFileError(f"Refused to load '{name}': it contains pickled objects other than tensors.") from None
-    except Exception as exc:
-        raise FusedFileError(
-            f"'{name}' is not a readable PyTorch file (corrupt or truncated?): {str(exc).splitlines()[0]}"
-        ) from None
-
-
 def _load_research_combined(path: str, base_weights_fn) -> FusedModel:
     name = os.path.basename(path)
-    state = _torch_load(path, name)
+    state = read_torch(path, name, FusedFileError)
     if isinstance(state, dict) and set(state) == {"params"}:
         state = state["params"]
     if not isinstance(state, dict) or "new_concept_embedding" not in state or not ({"unet", "text_encoder"} & set(state)):
@@ -258,8 +210,6 @@ def _load_research_combined(path: str, base_weights_fn) -> FusedModel:
 
 
 def _load_diffusers_folder(folder: str, base_weights_fn) -> FusedModel:
-    import safetensors.torch
-
     name = os.path.basename(folder.rstrip(os.sep)) or folder
     with open(os.path.join(folder, "new_concept_cfg.json")) as f:
         config = json.load(f)
@@ -269,7 +219,12 @@ def _load_diffusers_folder(folder: str, base_weights_fn) -> FusedModel:
             for ext in (".safetensors", ".bin"):
                 path = os.path.join(folder, sub, stem + ext)
                 if os.path.exists(path):
-                    return safetensors.torch.load_file(path) if ext == ".safetensors" else _torch_load(path, f"{name}/{sub}")
+                    where = f"{name}/{sub}/{stem}{ext}"
+                    return (
+                        read_safetensors(path, where, FusedFileError)[0]
+                        if ext == ".safetensors"
+                        else read_torch(path, where, FusedFileError)
+                    )
         raise FusedFileError(
             f"'{name}' has no {sub}/{stems[0]}.safetensors (or .bin); is it a Mix-of-Show fused diffusers folder?"
         )

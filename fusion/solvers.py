@@ -10,6 +10,8 @@
   reference the benchmarks compare against.
 
 All solvers work on ``delta = W - W0`` in float64, which avoids cancellation between large constant terms.
+:data:`SOLVERS` is the table the fusion procedure dispatches through and MoS Gradient Fusion lists as options: a new
+solver is one entry there.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stats import objective
+from .stats import LayerStats, objective
 
 
 @dataclass
@@ -146,3 +148,31 @@ def solve_lbfgs_raw(
 
     first, best_loss, best, evaluations = _lbfgs_best(weight, chunked_mse, iters, history)
     return Solution(best.reshape(w0.shape).to(w0.dtype), first, best_loss, evaluations)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """One way to solve a fused layer from its statistics: ``solve(w0, gram, layer, iters, ridge, check_interrupt)``."""
+
+    name: str
+    description: str
+    solve: Callable[..., Solution]
+
+
+def _lbfgs_layer(w0, gram, layer: LayerStats, iters: int, ridge: float, check_interrupt=None) -> Solution:
+    return solve_lbfgs(w0, gram, layer.cross, layer.const, layer.rows, iters, check_interrupt=check_interrupt)
+
+
+def _exact_layer(w0, gram, layer: LayerStats, iters: int, ridge: float, check_interrupt=None) -> Solution:
+    return solve_exact(w0, gram, layer.cross, layer.const, layer.rows, ridge=ridge)
+
+
+SOLVERS: dict[str, Solver] = {
+    solver.name: solver
+    for solver in (
+        Solver("lbfgs", "the paper's optimiser (LBFGS, strong-Wolfe, best iterate), on the Gram form", _lbfgs_layer),
+        Solver(
+            "exact", "the closed-form least-squares solution nearest the base (faster, slightly lower objective)", _exact_layer
+        ),
+    )
+}

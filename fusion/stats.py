@@ -9,12 +9,14 @@ depends on the data only through
 * ``rows``: how many input vectors were seen (the original's loss is a mean over rows and output features).
 
 :class:`GramGroup` holds ``G`` for one input; :class:`LayerStats` holds ``C``, ``const`` for one layer and points at
-its group. Concepts are folded in one at a time (:func:`fold_concept`), so memory does not grow with the number of
-concepts, sampling steps or resolution, and statistics of the same layers simply add.
+its group; :class:`FusionStats` holds both for one fusion stage. Concepts are folded in one at a time
+(:meth:`FusionStats.fold_concept`), so memory does not grow with the number of concepts, sampling steps or
+resolution, and statistics of the same layers simply add (:meth:`FusionStats.merged`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +41,13 @@ class GramGroup:
         self.gram += (rows.T @ rows).to(STAT_DTYPE)
         self.rows += rows.shape[0]
 
+    def add(self, other: GramGroup) -> None:
+        self.gram += other.gram.to(self.gram.device)
+        self.rows += other.rows
+
+    def copy(self, device=None) -> GramGroup:
+        return GramGroup(self.gram.to(device=device, copy=True), self.rows)
+
 
 @dataclass
 class LayerStats:
@@ -58,33 +67,120 @@ class LayerStats:
             torch.zeros((), dtype=STAT_DTYPE, device=device),
         )
 
+    def fold(self, concept_gram: GramGroup, target_weight: torch.Tensor, concept: str) -> None:
+        """Fold one concept's ``G_i`` and target ``W_i`` in (``C += W_i G_i``, ``const += tr(W_i G_i W_i^T)``)."""
+        w = target_weight.to(device=concept_gram.gram.device, dtype=STAT_DTYPE).flatten(1)
+        wg = w @ concept_gram.gram
+        self.cross += wg
+        self.const += (wg * w).sum()
+        self.rows += concept_gram.rows
+        self.concepts.append(concept)
 
-def fold_concept(layer: LayerStats, concept_gram: GramGroup, target_weight: torch.Tensor, concept: str) -> None:
-    """Fold one concept's ``G_i`` and target ``W_i`` into ``layer`` (``C += W_i G_i``, ``const += tr(W_i G_i W_i^T)``)."""
-    w = target_weight.to(device=concept_gram.gram.device, dtype=STAT_DTYPE).flatten(1)
-    wg = w @ concept_gram.gram
-    layer.cross += wg
-    layer.const += (wg * w).sum()
-    layer.rows += concept_gram.rows
-    layer.concepts.append(concept)
+    def copy(self, device=None) -> LayerStats:
+        return LayerStats(
+            self.group,
+            self.cross.to(device=device, copy=True),
+            self.const.to(device=device, copy=True),
+            self.rows,
+            list(self.concepts),
+        )
+
+
+@dataclass
+class FusionStats:
+    """The statistics of one fusion stage: Gram groups by input name and per-layer cross terms by weight key."""
+
+    groups: dict[str, GramGroup] = field(default_factory=dict)
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+
+    def fold_concept(
+        self, concept: str, groups: dict[str, GramGroup], targets: dict[str, torch.Tensor], group_of: Callable[[str], str]
+    ) -> None:
+        """Add one concept: the Gram groups captured while it ran alone and its target weight per layer key.
+
+        Every target's group (``group_of(key)``) must be among ``groups``; the caller checks that.
+        """
+        for key, target in targets.items():
+            group = group_of(key)
+            if key not in self.layers:
+                device = groups[group].gram.device
+                self.layers[key] = LayerStats.empty(group, target.shape[0], target.flatten(1).shape[1], device=device)
+            self.layers[key].fold(groups[group], target, concept)
+        for name, gram in groups.items():
+            if name in self.groups:
+                self.groups[name].add(gram)
+            else:
+                self.groups[name] = gram
+
+    def merged(self, other: FusionStats) -> FusionStats:
+        """The sum of two statistics of the same stage (they are additive); neither input changes."""
+        out = self.to(None)
+        for name, gram in other.groups.items():
+            if name in out.groups:
+                out.groups[name].add(gram)
+            else:
+                out.groups[name] = gram.copy()
+        for key, layer in other.layers.items():
+            if key in out.layers:
+                mine = out.layers[key]
+                mine.cross += layer.cross.to(mine.cross.device)
+                mine.const += layer.const.to(mine.const.device)
+                mine.rows += layer.rows
+                mine.concepts.extend(layer.concepts)
+            else:
+                out.layers[key] = layer.copy()
+        return out
+
+    def to(self, device) -> FusionStats:
+        """A copy on ``device`` (None: where each tensor is)."""
+        return FusionStats(
+            {k: v.copy(device) for k, v in self.groups.items()}, {k: v.copy(device) for k, v in self.layers.items()}
+        )
+
+    def gram_of(self, key: str) -> torch.Tensor:
+        return self.groups[self.layers[key].group].gram
+
+    # ---------------------------------------------------------------------------------------- in bundles
+
+    def to_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors ``<prefix>.gram.<group>``, ``<prefix>.cross.<key>``, ``<prefix>.const.<key>`` and their index."""
+        tensors: dict[str, torch.Tensor] = {}
+        index: dict = {"groups": {}, "layers": {}}
+        for name, group in self.groups.items():
+            tensors[f"{prefix}.gram.{name}"] = group.gram.contiguous()
+            index["groups"][name] = group.rows
+        for key, layer in self.layers.items():
+            tensors[f"{prefix}.cross.{key}"] = layer.cross.contiguous()
+            tensors[f"{prefix}.const.{key}"] = layer.const.reshape(1).contiguous()
+            index["layers"][key] = {"group": layer.group, "rows": layer.rows, "concepts": layer.concepts}
+        return tensors, index
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], index: dict, prefix: str) -> FusionStats:
+        """Inverse of :meth:`to_tensors`; a tensor the index names but the file lacks raises ``KeyError``."""
+        groups = {g: GramGroup(tensors[f"{prefix}.gram.{g}"].to(STAT_DTYPE), rows) for g, rows in index["groups"].items()}
+        layers = {
+            k: LayerStats(
+                v["group"],
+                tensors[f"{prefix}.cross.{k}"].to(STAT_DTYPE),
+                tensors[f"{prefix}.const.{k}"].to(STAT_DTYPE).reshape(()),
+                v["rows"],
+                list(v["concepts"]),
+            )
+            for k, v in index["layers"].items()
+        }
+        return cls(groups, layers)
 
 
 def layer_statistics(inputs: list[torch.Tensor], targets: list[torch.Tensor], device=None) -> tuple[GramGroup, LayerStats]:
     """Statistics of one layer from each concept's input rows ``[n_i, k]`` and target weight ``[d, k]``."""
     width = inputs[0].shape[-1]
-    group = GramGroup.empty(width, device=device)
-    layer = LayerStats.empty("layer", targets[0].shape[0], width, device=device)
+    stats = FusionStats()
     for index, (rows, target) in enumerate(zip(inputs, targets, strict=True)):
         concept = GramGroup.empty(width, device=device)
         concept.add_rows(rows)
-        fold_concept(layer, concept, target, f"concept {index}")
-        add_gram(group, concept)
-    return group, layer
-
-
-def add_gram(total: GramGroup, part: GramGroup) -> None:
-    total.gram += part.gram.to(total.gram.device)
-    total.rows += part.rows
+        stats.fold_concept(f"concept {index}", {"layer": concept}, {"layer": target}, lambda key: "layer")
+    return stats.groups["layer"], stats.layers["layer"]
 
 
 def objective(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, const: torch.Tensor, rows: int) -> torch.Tensor:
@@ -92,26 +188,3 @@ def objective(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, con
     w = weight.to(gram.dtype).flatten(1)
     total = ((w @ gram) * w).sum() - 2.0 * (w * cross).sum() + const
     return total.clamp_min(0.0) / max(rows * w.shape[0], 1)
-
-
-def merge_stats(a: dict, b: dict) -> dict:
-    """Sum two statistics dicts ``{"groups": {name: GramGroup}, "layers": {key: LayerStats}}`` (additivity)."""
-    out_groups = {k: GramGroup(v.gram.clone(), v.rows) for k, v in a["groups"].items()}
-    for k, v in b["groups"].items():
-        if k in out_groups:
-            add_gram(out_groups[k], v)
-        else:
-            out_groups[k] = GramGroup(v.gram.clone(), v.rows)
-    out_layers = {
-        k: LayerStats(v.group, v.cross.clone(), v.const.clone(), v.rows, list(v.concepts)) for k, v in a["layers"].items()
-    }
-    for k, v in b["layers"].items():
-        if k in out_layers:
-            layer = out_layers[k]
-            layer.cross += v.cross.to(layer.cross.device)
-            layer.const += v.const.to(layer.const.device)
-            layer.rows += v.rows
-            layer.concepts.extend(v.concepts)
-        else:
-            out_layers[k] = LayerStats(v.group, v.cross.clone(), v.const.clone(), v.rows, list(v.concepts))
-    return {"groups": out_groups, "layers": out_layers}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -12,34 +11,17 @@ from comfy_api.latest import io, ui
 from ..edlora.apply import load_edlora_into
 from ..edlora.concepts import ConceptSet
 from ..edlora.encode import encode_prompt
-from ..edlora.format import EDLoRAError, load_edlora, save_edlora, to_kohya_state_dict, write_safetensors
+from ..edlora.files import write_safetensors
+from ..edlora.format import EDLoRAError, load_edlora, save_edlora, to_kohya_state_dict
+from .files import file_fingerprint, model_path, output_path
 from .types import Concepts
 
 log = logging.getLogger("mixofshow")
 
 
-def edlora_path(name: str) -> str:
+def edlora_path(name) -> str:
     """Full path of an ED-LoRA listed in models/edloras; an unknown name is an error naming it."""
-    path = folder_paths.get_full_path("edloras", name)
-    if path is None:
-        raise EDLoRAError(
-            f"ED-LoRA '{name}' is not in models/edloras (folders searched: "
-            f"{', '.join(folder_paths.get_folder_paths('edloras'))})."
-        )
-    return path
-
-
-def is_plain_file_name(stem: str) -> bool:
-    """True for a name that stays inside its folder: not empty, no folder separators, not hidden."""
-    return bool(stem) and "/" not in stem and os.sep not in stem and not stem.startswith(".")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return model_path("edloras", name, "ED-LoRA", EDLoRAError)
 
 
 class EDLoRALoader(io.ComfyNode):
@@ -91,8 +73,7 @@ class EDLoRALoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, edlora_name, **kwargs):
-        path = folder_paths.get_full_path("edloras", edlora_name)
-        return file_sha256(path) if path else edlora_name
+        return file_fingerprint("edloras", edlora_name)
 
     @classmethod
     def execute(cls, model, clip, edlora_name, unet_strength, text_encoder_strength, concepts=None) -> io.NodeOutput:
@@ -196,15 +177,13 @@ class ConvertEDLoRA(io.ComfyNode):
             raise EDLoRAError(f"MoS Convert ED-LoRA: unknown target {target!r}; choose one of {', '.join(CONVERT_TARGETS)}.")
         source = edlora_path(edlora_name)
         folder, extension = CONVERT_TARGETS[target]
-        stem = output_name.strip() or os.path.splitext(os.path.basename(edlora_name))[0]
-        if not is_plain_file_name(stem):
-            raise EDLoRAError(f"MoS Convert ED-LoRA: output_name {output_name!r} must be a plain file name.")
-        directory = folder_paths.get_folder_paths(folder)[0]
-        destination = os.path.join(directory, stem + extension)
+        name = output_name.strip() or os.path.splitext(os.path.basename(edlora_name))[0]
+        destination = output_path(folder, name, extension, True, "MoS Convert ED-LoRA output_name", EDLoRAError)
         if os.path.abspath(destination) == os.path.abspath(source):
-            raise EDLoRAError(f"MoS Convert ED-LoRA: output '{stem + extension}' is the input file; choose another output_name.")
-        if os.path.exists(destination) and not overwrite:
-            raise EDLoRAError(f"MoS Convert ED-LoRA: '{destination}' exists; set overwrite or choose another output_name.")
+            raise EDLoRAError(
+                f"MoS Convert ED-LoRA: output '{os.path.basename(destination)}' is the input file; choose another output_name."
+            )
+        destination = output_path(folder, name, extension, overwrite, "MoS Convert ED-LoRA output_name", EDLoRAError)
         path = convert_edlora_file(source, target, destination)
         message = f"Wrote {path}"
         if target.startswith("kohya"):

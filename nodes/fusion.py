@@ -10,8 +10,12 @@ from comfy_api.latest import io, ui
 from ..edlora.concepts import ConceptEntry, ConceptSet
 from ..edlora.format import load_edlora
 from ..fusion.bundle import FusedFileError, load_fused, save_fused
-from ..fusion.procedure import BaseWeights, FusionError, FusionSettings, fingerprint, gradient_fusion, weight_fusion
-from .edlora import edlora_path, file_sha256, is_plain_file_name
+from ..fusion.procedure import gradient_fusion, weight_fusion
+from ..fusion.results import FusionError, FusionSettings, fingerprint
+from ..fusion.solvers import SOLVERS
+from ..fusion.weights import BaseWeights
+from .edlora import edlora_path
+from .files import file_fingerprint, file_sha256, model_path, output_path
 from .types import Concepts, Fused
 
 FUSED_FOLDER = "mixofshow_fused"
@@ -77,8 +81,7 @@ class EDLoRAStack(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, edlora_name, **kwargs):
-        path = folder_paths.get_full_path("edloras", edlora_name)
-        return file_sha256(path) if path else edlora_name
+        return file_fingerprint("edloras", edlora_name)
 
     @classmethod
     def execute(cls, edlora_name, unet_strength, text_encoder_strength, concepts=None) -> io.NodeOutput:
@@ -143,9 +146,9 @@ class GradientFusion(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "solver",
-                    options=["lbfgs", "exact"],
+                    options=list(SOLVERS),
                     default="lbfgs",
-                    tooltip="lbfgs: the paper's optimiser. exact: the closed-form least-squares solution (faster, slightly lower objective).",
+                    tooltip="; ".join(f"{s.name}: {s.description}" for s in SOLVERS.values()) + ".",
                 ),
                 io.Combo.Input(
                     "device",
@@ -269,18 +272,13 @@ class SaveFused(io.ComfyNode):
 
     @classmethod
     def execute(cls, fused, model, clip, filename, storage, include_statistics, overwrite) -> io.NodeOutput:
-        stem = filename.strip()
-        if not is_plain_file_name(stem):
-            raise FusedFileError(f"MoS Save Fused: filename {filename!r} must be a plain file name.")
+        path = output_path(FUSED_FOLDER, filename, ".safetensors", overwrite, "MoS Save Fused filename", FusedFileError)
         base = BaseWeights(model, clip)
         keys = sorted({*fused.unet_diffs, *fused.text_diffs})
         base_weights = base(keys)
         if fused.base_fingerprint:
             if fingerprint(base_weights) != fused.base_fingerprint:
                 raise FusedFileError("MoS Save Fused: the connected MODEL/CLIP are not the base this fusion was made on.")
-        path = os.path.join(folder_paths.get_folder_paths(FUSED_FOLDER)[0], stem + ".safetensors")
-        if os.path.exists(path) and not overwrite:
-            raise FusedFileError(f"MoS Save Fused: '{path}' exists; set overwrite or choose another filename.")
         sources = {}
         for entry in fused.concepts.entries:
             source = folder_paths.get_full_path("edloras", entry.edlora.name)
@@ -319,14 +317,11 @@ class LoadFused(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, fused_name, **kwargs):
-        path = folder_paths.get_full_path(FUSED_FOLDER, fused_name)
-        return file_sha256(path) if path and os.path.isfile(path) else fused_name
+        return file_fingerprint(FUSED_FOLDER, fused_name)
 
     @classmethod
     def execute(cls, model, clip, fused_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FUSED_FOLDER, fused_name)
-        if path is None:
-            raise FusedFileError(f"'{fused_name}' is not in models/{FUSED_FOLDER}.")
+        path = model_path(FUSED_FOLDER, fused_name, "Fused model", FusedFileError)
         fused = load_fused(path, BaseWeights(model, clip))
         _check_shapes(fused, model, clip, fused_name)
         fused_model, fused_clip = fused.apply(model, clip)

@@ -6,17 +6,12 @@ import os
 
 import comfy.patcher_extension
 import folder_paths
-import torch
 from comfy_api.latest import io
 
-from ..edlora.concepts import ConceptSet
-from ..edlora.encode import encode_prompt
-from ..edlora.format import EDLoRAError
-from ..edlora.routing import install_layer_routing, layer_stack_of
+from ..regional.conditioning import regional_conditioning
 from ..regional.control import RegionalControlStrength, parse_region_weights
 from ..regional.layout import METHODS, layout_map
-from ..regional.patch import RegionalCrossAttention, RegionContexts
-from ..regional.spec import Region, RegionError, parse_original_syntax
+from ..regional.spec import Box, Region, parse_original_syntax
 from .types import Concepts, Regions
 
 
@@ -74,7 +69,7 @@ class RegionNode(io.ComfyNode):
             mask = mask[0] if mask.dim() == 3 else mask
             region = Region(prompt, negative, mask=mask.detach().float().cpu())
         else:
-            region = Region(prompt, negative, box=(top, left, bottom, right))
+            region = Region(prompt, negative, box=Box(top, left, bottom, right))
         region.validate(len(previous))
         return io.NodeOutput(previous + (region,))
 
@@ -103,18 +98,6 @@ class RegionsFromText(io.ComfyNode):
     @classmethod
     def execute(cls, text, width, height, regions=None) -> io.NodeOutput:
         return io.NodeOutput(tuple(regions or ()) + tuple(parse_original_syntax(text, width, height)))
-
-
-def encode_region(clip, concepts: ConceptSet, region: Region, index: int) -> RegionContexts:
-    def stack_of(text: str, what: str) -> torch.Tensor:
-        try:
-            entry = encode_prompt(clip, concepts, text)[0]
-        except EDLoRAError as exc:
-            raise RegionError(f"{region.label(index)} {what}: {exc}") from None
-        layered = layer_stack_of(entry)
-        return layered if layered is not None else entry[0].unsqueeze(1)
-
-    return RegionContexts(region, stack_of(region.prompt, "prompt"), stack_of(region.negative, "negative prompt"))
 
 
 class RegionalConditioning(io.ComfyNode):
@@ -150,20 +133,7 @@ class RegionalConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompt, negative, regions, concepts=None) -> io.NodeOutput:
-        concepts = concepts or ConceptSet()
-        if not regions:
-            raise RegionError("MoS Regional Conditioning: no regions; connect MoS Region or MoS Regions From Text.")
-        for index, region in enumerate(regions):
-            region.validate(index)
-        contexts = [encode_region(clip, concepts, region, i) for i, region in enumerate(regions)]
-        widths = {c.positive.shape[-1] for c in contexts}
-        positive = encode_prompt(clip, concepts, prompt)
-        if widths != {positive[0][0].shape[-1]}:
-            raise RegionError("MoS Regional Conditioning: region prompts and the global prompt encode to different widths.")
-        new_model = model.clone()
-        install_layer_routing(new_model)
-        RegionalCrossAttention(new_model.get_model_object("diffusion_model"), contexts).install(new_model)
-        return io.NodeOutput(new_model, positive, encode_prompt(clip, concepts, negative))
+        return io.NodeOutput(*regional_conditioning(model, clip, prompt, negative, tuple(regions or ()), concepts))
 
 
 class LayoutImage(io.ComfyNode):

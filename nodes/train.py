@@ -14,14 +14,16 @@ from comfy_api.latest import io, ui
 
 from ..edlora.apply import load_edlora_into
 from ..edlora.format import EDLoRAError, save_edlora
-from ..edlora.train import TrainingData, TrainSettings, encode_training_latents, train_edlora
-from ..edlora.train_data import DEFAULT_TEMPLATE, expand_captions, parse_concept_words, prepare_images, read_image_folder
-from .edlora import is_plain_file_name
+from ..training.data import DEFAULT_TEMPLATE, expand_captions, parse_concept_words, prepare_images, read_image_folder
+from ..training.loop import TrainingData, TrainSettings, encode_training_latents, train_edlora
+from .files import output_path
 from .types import Concepts
 
 log = logging.getLogger("mixofshow")
 
 SAMPLING_STRENGTH = 0.7
+#: The widget defaults of MoS Train ED-LoRA (the original recipe).
+DEFAULTS = TrainSettings()
 
 
 def training_folder(folder: str) -> str:
@@ -119,12 +121,12 @@ class TrainEDLoRA(io.ComfyNode):
                 ),
                 io.String.Input(
                     "concept_words",
-                    default="<name1>+<name2>",
+                    default="+".join(DEFAULTS.words),
                     tooltip="The concept's words joined by '+'; write them in prompts separated by a space: <name1> <name2>.",
                 ),
                 io.String.Input(
                     "class_word",
-                    default="person",
+                    default=DEFAULTS.class_word,
                     tooltip="One-token word the last concept word starts from (man, woman, dog, car...). Empty: all words random.",
                 ),
                 io.String.Input(
@@ -138,12 +140,12 @@ class TrainEDLoRA(io.ComfyNode):
                     "caption_template", default=DEFAULT_TEMPLATE, tooltip="Used where a caption is missing; must contain <TOK>."
                 ),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Training resolution (square)."),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (4 in Mix-of-Show)."),
-                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Optimiser steps."),
-                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Images per step."),
+                io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=128, tooltip="LoRA rank (4 in Mix-of-Show)."),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=100000, tooltip="Optimiser steps."),
+                io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64, tooltip="Images per step."),
                 io.Int.Input(
                     "seed",
-                    default=0,
+                    default=DEFAULTS.seed,
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
                     control_after_generate=True,
@@ -151,33 +153,49 @@ class TrainEDLoRA(io.ComfyNode):
                     "another seed means another training run.",
                 ),
                 io.Float.Input(
-                    "lr_embedding", default=1e-3, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the concept vectors."
+                    "lr_embedding",
+                    default=DEFAULTS.lr_embedding,
+                    min=0.0,
+                    max=1.0,
+                    step=0.00001,
+                    tooltip="Learning rate of the concept vectors.",
                 ),
                 io.Float.Input(
                     "lr_text_encoder",
-                    default=1e-5,
+                    default=DEFAULTS.lr_text_encoder,
                     min=0.0,
                     max=1.0,
                     step=0.000001,
                     tooltip="Learning rate of the text-encoder LoRA.",
                 ),
                 io.Float.Input(
-                    "lr_unet", default=1e-4, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the UNet LoRA."
+                    "lr_unet", default=DEFAULTS.lr_unet, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the UNet LoRA."
                 ),
-                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="AdamW weight decay."),
-                io.Float.Input("noise_offset", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="Per-channel noise offset."),
+                io.Float.Input(
+                    "weight_decay", default=DEFAULTS.weight_decay, min=0.0, max=1.0, step=0.001, tooltip="AdamW weight decay."
+                ),
+                io.Float.Input(
+                    "noise_offset",
+                    default=DEFAULTS.noise_offset,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Per-channel noise offset.",
+                ),
                 io.Float.Input(
                     "embedding_norm_threshold",
-                    default=0.55,
+                    default=DEFAULTS.embedding_norm_threshold,
                     min=0.0,
                     max=10.0,
                     step=0.01,
                     tooltip="The concept vectors stop learning once their mean norm reaches this (0: never).",
                 ),
-                io.Boolean.Input("mask_loss", default=True, tooltip="With masks: count the loss only on the subject."),
+                io.Boolean.Input(
+                    "mask_loss", default=DEFAULTS.mask_loss, tooltip="With masks: count the loss only on the subject."
+                ),
                 io.Float.Input(
                     "attention_reg_weight",
-                    default=0.01,
+                    default=DEFAULTS.attention_reg_weight,
                     min=0.0,
                     max=10.0,
                     step=0.001,
@@ -185,7 +203,7 @@ class TrainEDLoRA(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "gradient_checkpointing",
-                    default=False,
+                    default=DEFAULTS.gradient_checkpointing,
                     tooltip="Recompute UNet blocks in the backward pass: much less memory (for 8-12 GB GPUs), about a third slower.",
                 ),
                 io.String.Input("filename", default="my_concept", tooltip="File name in models/edloras (without extension)."),
@@ -283,19 +301,11 @@ class TrainEDLoRA(io.ComfyNode):
 
 def output_paths(filename: str, save_pth: bool, overwrite: bool) -> list[str]:
     """Where the ED-LoRA goes; refused before training when a file exists and ``overwrite`` is off."""
-    stem = filename.strip()
-    if not is_plain_file_name(stem):
-        raise EDLoRAError(f"MoS Train ED-LoRA: filename {filename!r} must be a plain file name (no folders).")
-    if stem.lower().endswith((".safetensors", ".pth")):
+    stem = filename.strip() if isinstance(filename, str) else filename
+    if isinstance(stem, str) and stem.lower().endswith((".safetensors", ".pth")):
         stem = os.path.splitext(stem)[0]
-    folder = folder_paths.get_folder_paths("edloras")[0]
-    paths = [os.path.join(folder, stem + ".safetensors")]
-    if save_pth:
-        paths.append(os.path.join(folder, stem + ".pth"))
-    for path in paths:
-        if os.path.exists(path) and not overwrite:
-            raise EDLoRAError(f"MoS Train ED-LoRA: '{path}' exists; set overwrite or choose another filename.")
-    return paths
+    extensions = [".safetensors", ".pth"] if save_pth else [".safetensors"]
+    return [output_path("edloras", stem, ext, overwrite, "MoS Train ED-LoRA filename", EDLoRAError) for ext in extensions]
 
 
 def loss_curve(losses: list[float], total: int, width: int = 256, height: int = 128):

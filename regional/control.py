@@ -11,35 +11,34 @@ import re
 
 import torch
 
-from .spec import RegionError
+from .spec import Box, RegionError
 
 
-def parse_region_weights(text: str, width: int, height: int) -> list[tuple[tuple[float, float, float, float], float]]:
-    """``"[y1, x1, y2, x2]-w|..."`` (pixel boxes of a ``width x height`` image) -> ``[((top, left, bottom, right), w)]``."""
+def parse_region_weights(text: str, width: int, height: int) -> list[tuple[Box, float]]:
+    """``"[y1, x1, y2, x2]-w|..."`` (pixel boxes of a ``width x height`` image) -> ``[(box, w)]``."""
     out = []
     for index, part in enumerate(p.strip() for p in text.split("|") if p.strip()):
         match = re.fullmatch(r"\[\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*\]\s*-\s*([\d.]+)", part)
         if match is None:
             raise RegionError(f"adapter weight {index + 1} ({part!r}): expected '[y1, x1, y2, x2]-weight'.")
         y1, x1, y2, x2, weight = (float(v) for v in match.groups())
-        box = (max(0.0, y1 / height), max(0.0, x1 / width), min(1.0, y2 / height), min(1.0, x2 / width))
-        if not (box[0] < box[2] and box[1] < box[3]):
+        box = Box.from_pixels(y1, x1, y2, x2, width, height)
+        if not box.is_valid():
             raise RegionError(f"adapter weight {index + 1} ({part!r}): the box is empty.")
         out.append((box, weight))
     return out
 
 
-def strength_map(
-    boxes: list[tuple[tuple[float, float, float, float], float]], base_strength: float, height: int, width: int
-) -> torch.Tensor:
-    """The ``[height, width]`` multiplier for control features at one resolution."""
+def strength_map(boxes: list[tuple[Box, float]], base_strength: float, height: int, width: int) -> torch.Tensor:
+    """The ``[height, width]`` multiplier for control features at one resolution; a box covers the cells it covers
+    in region attention (:meth:`.spec.Box.cells`)."""
     if base_strength <= 0:
         raise RegionError("base_strength must be positive (the strength of the ControlNet/T2I-Adapter apply node).")
     grid = torch.ones(height, width)
-    for (top, left, bottom, right), weight in boxes:
-        y0, y1 = int(round(top * height)), max(int(round(bottom * height)), int(round(top * height)) + 1)
-        x0, x1 = int(round(left * width)), max(int(round(right * width)), int(round(left * width)) + 1)
-        grid[y0:y1, x0:x1] = weight / base_strength
+    for box, weight in boxes:
+        y0, y1, x0, x1 = box.cells(height, width)
+        if y1 > y0 and x1 > x0:
+            grid[y0:y1, x0:x1] = weight / base_strength
     return grid
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..edlora.routing import cross_attention_layers, cross_attention_modules
+from ..edlora.arch import cross_attention_sites, layer_of_site
 from .attention import multihead_attention
 from .spec import Region, region_weights
 
@@ -48,8 +48,9 @@ def _repeat_to(context: torch.Tensor, length: int) -> torch.Tensor:
 
 class RegionalCrossAttention:
     def __init__(self, diffusion_model: torch.nn.Module, regions: list[RegionContexts]):
-        self.layer_index = {key: i for i, key in enumerate(cross_attention_layers(diffusion_model))}
-        self.modules = cross_attention_modules(diffusion_model)
+        sites = cross_attention_sites(diffusion_model)
+        self.layer_of = layer_of_site(sites)
+        self.modules = {site.key: site.module for site in sites}
         self.regions = regions
         self._query: torch.Tensor | None = None
         self._weights: dict[tuple, torch.Tensor] = {}
@@ -73,7 +74,8 @@ class RegionalCrossAttention:
         shape = extra_options.get("activations_shape")
         if query is None or block is None or shape is None or len(shape) != 4:
             return out
-        layer = self.layer_index.get((block[0], block[1], extra_options.get("block_index", 0)))
+        site = (block[0], block[1], extra_options.get("block_index", 0))
+        layer = self.layer_of.get(site)
         height, width = int(shape[2]), int(shape[3])
         if layer is None or height * width != out.shape[1] or query.shape[:2] != out.shape[:2]:
             return out
@@ -84,7 +86,7 @@ class RegionalCrossAttention:
             return out
         chunks = extra_options.get("cond_or_uncond") or [0]
         per_chunk = out.shape[0] // len(chunks)
-        attn = self.modules[layer]
+        attn = self.modules[site]
         heads = extra_options.get("n_heads", attn.heads)
         q = attn.to_q(query[:, covered])
         mixed = torch.zeros_like(q)

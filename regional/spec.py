@@ -1,7 +1,9 @@
 """Region specifications: a prompt, a negative prompt and where it applies (a soft mask or a box).
 
-Boxes are fractions ``(top, left, bottom, right)`` of the image; the original's string syntax
-``[prompt]-*-[negative]-*-[y1, x1, y2, x2]|...`` gives them in pixels of a ``width x height`` image.
+A :class:`Box` holds fractions ``(top, left, bottom, right)`` of the image; the original's string syntax
+``[prompt]-*-[negative]-*-[y1, x1, y2, x2]|...`` gives them in pixels of a ``width x height`` image. A box covers
+the same cells of a feature grid wherever it is used (region attention and per-region adapter strength):
+:meth:`Box.cells` is the one rasteriser.
 """
 
 from __future__ import annotations
@@ -18,10 +20,49 @@ class RegionError(ValueError):
 
 
 @dataclass(frozen=True)
+class Box:
+    """An axis-aligned box as fractions of the image: ``0 <= top < bottom <= 1``, ``0 <= left < right <= 1``."""
+
+    top: float
+    left: float
+    bottom: float
+    right: float
+
+    @classmethod
+    def from_pixels(cls, y1: float, x1: float, y2: float, x2: float, width: int, height: int) -> Box:
+        """The original's pixel box ``[y1, x1, y2, x2]`` of a ``width x height`` image, clipped to the image."""
+        return cls(max(0.0, y1 / height), max(0.0, x1 / width), min(1.0, y2 / height), min(1.0, x2 / width))
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return self.top, self.left, self.bottom, self.right
+
+    def is_valid(self) -> bool:
+        return 0.0 <= self.top < self.bottom <= 1.0 and 0.0 <= self.left < self.right <= 1.0
+
+    def cells(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(y0, y1, x0, x1)`` of the grid cells the box covers, mapped as the original does
+        (start = ceil(fraction * size), end = floor(fraction * size)): a box smaller than a cell covers none."""
+        return (
+            math.ceil(self.top * height),
+            math.floor(self.bottom * height),
+            math.ceil(self.left * width),
+            math.floor(self.right * width),
+        )
+
+    def rasterise(self, height: int, width: int) -> torch.Tensor:
+        """Binary ``[height, width]`` coverage of the box on a feature grid."""
+        y0, y1, x0, x1 = self.cells(height, width)
+        out = torch.zeros(height, width)
+        if y1 > y0 and x1 > x0:
+            out[y0:y1, x0:x1] = 1.0
+        return out
+
+
+@dataclass(frozen=True)
 class Region:
     prompt: str
     negative: str = ""
-    box: tuple[float, float, float, float] | None = None
+    box: Box | None = None
     mask: torch.Tensor | None = None  # [height, width], values in [0, 1]
 
     def label(self, index: int) -> str:
@@ -34,10 +75,9 @@ class Region:
         if (self.box is None) == (self.mask is None):
             raise RegionError(f"{self.label(index)}: give either a box or a mask.")
         if self.box is not None:
-            top, left, bottom, right = self.box
-            if not (0.0 <= top < bottom <= 1.0 and 0.0 <= left < right <= 1.0):
+            if not self.box.is_valid():
                 raise RegionError(
-                    f"{self.label(index)}: box (top, left, bottom, right) = {self.box} must satisfy "
+                    f"{self.label(index)}: box (top, left, bottom, right) = {self.box.as_tuple()} must satisfy "
                     "0 <= top < bottom <= 1 and 0 <= left < right <= 1."
                 )
         else:
@@ -62,29 +102,13 @@ def parse_original_syntax(text: str, width: int, height: int) -> list[Region]:
             raise RegionError(f"region {index + 1} ({prompt[:40]!r}): the box {box_text!r} must look like [y1, x1, y2, x2].")
         if numbers and len(numbers) != 4:
             raise RegionError(f"region {index + 1} ({prompt[:40]!r}): the box {box_text!r} needs 4 numbers (y1, x1, y2, x2).")
-        if numbers:
-            y1, x1, y2, x2 = (float(n) for n in numbers)
-            box = (max(0.0, y1 / height), max(0.0, x1 / width), min(1.0, y2 / height), min(1.0, x2 / width))
-        else:
-            box = (0.0, 0.0, 1.0, 1.0)
+        box = Box.from_pixels(*(float(n) for n in numbers), width, height) if numbers else Box(0.0, 0.0, 1.0, 1.0)
         region = Region(prompt, negative, box=box)
         region.validate(index)
         regions.append(region)
     if not regions:
         raise RegionError("the region text holds no region.")
     return regions
-
-
-def box_weights(box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
-    """Binary ``[height, width]`` coverage of a fractional box on a feature grid, mapped as the original does
-    (start = ceil(fraction * size), end = floor(fraction * size))."""
-    top, left, bottom, right = box
-    out = torch.zeros(height, width)
-    y0, y1 = math.ceil(top * height), math.floor(bottom * height)
-    x0, x1 = math.ceil(left * width), math.floor(right * width)
-    if y1 > y0 and x1 > x0:
-        out[y0:y1, x0:x1] = 1.0
-    return out
 
 
 def mask_weights(mask: torch.Tensor, height: int, width: int, label: str = "region") -> torch.Tensor:
@@ -104,5 +128,5 @@ def mask_weights(mask: torch.Tensor, height: int, width: int, label: str = "regi
 def region_weights(region: Region, height: int, width: int, label: str = "region") -> torch.Tensor:
     """The region's coverage weights on a ``height x width`` grid."""
     if region.box is not None:
-        return box_weights(region.box, height, width)
+        return region.box.rasterise(height, width)
     return mask_weights(region.mask, height, width, label)

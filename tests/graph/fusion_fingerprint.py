@@ -14,7 +14,8 @@ bootstrap.load_pack()
 
 from mixofshow.devkit.models import make_edlora, tiny_sd1  # noqa: E402
 from mixofshow.edlora.concepts import ConceptEntry, ConceptSet  # noqa: E402
-from mixofshow.fusion.procedure import FusionSettings, gradient_fusion  # noqa: E402
+from mixofshow.fusion.procedure import gradient_fusion  # noqa: E402
+from mixofshow.fusion.results import FusionSettings  # noqa: E402
 
 
 def fusion_hash() -> str:

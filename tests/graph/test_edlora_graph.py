@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mixofshow.devkit.models import make_edlora
+from mixofshow.edlora.arch import cross_attention_sites
 from mixofshow.edlora.format import EDLoRAError, LoRAPair, load_edlora, save_edlora
-from mixofshow.edlora.routing import LAYER_CONTEXT_KEY, LayerContextRouter, cross_attention_layers, layer_stack_of
+from mixofshow.edlora.routing import LAYER_CONTEXT_KEY, LayerContextRouter, layer_stack_of
 from mixofshow.nodes.edlora import ConvertEDLoRA, EDLoRALoader, TextEncode
 
 SD15_LAYER_ORDER = [
@@ -57,7 +58,7 @@ def loaded(tiny, edloras_dir):
 
 
 def test_tiny_model_has_sd15_layer_order(tiny):
-    assert cross_attention_layers(tiny[0].get_model_object("diffusion_model")) == SD15_LAYER_ORDER
+    assert [s.key for s in cross_attention_sites(tiny[0].get_model_object("diffusion_model"))] == SD15_LAYER_ORDER
 
 
 def test_loader_patches_clones_with_strength_times_up_down(tiny, loaded):
@@ -87,7 +88,7 @@ def test_full_sd15_all_176_modules_patched(sd15, tmp_path, edloras_dir):
     assert len(new_model.patches) == 128 and len(new_clip.patcher.patches) == 48
     assert "diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_out.0.weight" in new_model.patches
     assert "clip_l.transformer.text_model.encoder.layers.11.self_attn.out_proj.weight" in new_clip.patcher.patches
-    assert cross_attention_layers(model.get_model_object("diffusion_model")) == SD15_LAYER_ORDER
+    assert [s.key for s in cross_attention_sites(model.get_model_object("diffusion_model"))] == SD15_LAYER_ORDER
 
 
 def test_sdxl_shaped_lora_is_refused_by_name(tiny, edloras_dir):
@@ -201,12 +202,10 @@ class AttentionRecorder:
     """Forward pre-hooks on every attn2.to_k: records (layer, context) for each UNet call."""
 
     def __init__(self, model):
-        from mixofshow.edlora.routing import cross_attention_modules
-
         self.calls: list[tuple[int, torch.Tensor]] = []
         self.handles = [
-            attn.to_k.register_forward_pre_hook(self._hook(i))
-            for i, attn in enumerate(cross_attention_modules(model.get_model_object("diffusion_model")))
+            site.module.to_k.register_forward_pre_hook(self._hook(i))
+            for i, site in enumerate(cross_attention_sites(model.get_model_object("diffusion_model")))
         ]
 
     def _hook(self, layer):
@@ -306,7 +305,7 @@ def test_converter_node_round_trips_and_kohya_matches_core_lora_loader(tiny, edl
     assert again.words == edlora.words and all(torch.equal(again.embeddings[w], edlora.embeddings[w]) for w in edlora.words)
     with pytest.raises(EDLoRAError, match="exists; set overwrite"):
         ConvertEDLoRA.execute(edlora_name="orig.pth", target="safetensors (this pack)", output_name="", overwrite=False)
-    with pytest.raises(EDLoRAError, match="must be a plain file name"):
+    with pytest.raises(EDLoRAError, match="cannot be a file name"):
         ConvertEDLoRA.execute(edlora_name="orig.pth", target="safetensors (this pack)", output_name="../x", overwrite=True)
 
     out = ConvertEDLoRA.execute(

@@ -15,9 +15,10 @@ from mixofshow.devkit.models import make_edlora
 from mixofshow.edlora.concepts import ConceptSet
 from mixofshow.edlora.format import save_edlora
 from mixofshow.edlora.routing import layer_stack_of
-from mixofshow.fusion import procedure
+from mixofshow.fusion import procedure, solvers
 from mixofshow.fusion.bundle import FusedFileError
-from mixofshow.fusion.procedure import BaseWeights, FusionError
+from mixofshow.fusion.results import FusionError, FusionSettings
+from mixofshow.fusion.weights import BaseWeights
 from mixofshow.nodes.edlora import TextEncode
 from mixofshow.nodes.fusion import EDLoRAStack, GradientFusion, LoadFused, SaveFused, WeightFusion
 
@@ -71,7 +72,7 @@ def fuse(tiny, concepts, previous=None, **overrides):
     """The fusion procedure without the drift measurement (for tests that do not look at drift)."""
     model, clip, _ = tiny
     options = {**FAST, **overrides}
-    settings = procedure.FusionSettings(**options)
+    settings = FusionSettings(**options)
     return procedure.gradient_fusion(model, clip, concepts, settings, previous=previous, measure_drift=False)
 
 
@@ -167,7 +168,7 @@ def test_interrupt_stops_cleanly_and_leaves_inputs_untouched(tiny, edloras_dir, 
 
     before = render()
     calls = {"n": 0}
-    real = procedure.solve_lbfgs
+    real = solvers.solve_lbfgs
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
@@ -175,7 +176,7 @@ def test_interrupt_stops_cleanly_and_leaves_inputs_untouched(tiny, edloras_dir, 
             comfy.model_management.interrupt_current_processing(True)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(procedure, "solve_lbfgs", interrupting)
+    monkeypatch.setattr(solvers, "solve_lbfgs", interrupting)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run_gradient(tiny, concepts)
     comfy.model_management.interrupt_current_processing(False)
@@ -326,7 +327,7 @@ def test_full_sd15_architecture_fuses_all_176_layers(sd15, edloras_dir):
             edlora_name=f"big{i}.pth", unet_strength=1.0, text_encoder_strength=1.0, concepts=concepts
         ).args[0]
     fused = procedure.gradient_fusion(
-        model, clip, concepts, procedure.FusionSettings(sample_steps=1, sample_resolution=64, solver="exact"), measure_drift=False
+        model, clip, concepts, FusionSettings(sample_steps=1, sample_resolution=64, solver="exact"), measure_drift=False
     )
     assert len(fused.text_diffs) == 48 and len(fused.unet_diffs) == 128
     assert fused.unet_diffs["diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape == (1280, 768)

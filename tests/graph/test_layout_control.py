@@ -11,7 +11,6 @@ from comfy.cldm.cldm import ControlNet
 
 from mixofshow.devkit.models import TINY_UNET, init_weights
 from mixofshow.nodes.regional import LayoutImage, RegionalControlStrengthNode
-from mixofshow.regional.control import parse_region_weights, scale_control
 from mixofshow.regional.spec import RegionError
 
 
@@ -54,18 +53,6 @@ def tiny_controlnet():
     )
     model = init_weights(ControlNet(**config), seed=9, std=0.05)
     return comfy.controlnet.ControlNet(model, load_device=comfy.model_management.get_torch_device(), manual_cast_dtype=None)
-
-
-def test_scale_control_maps_boxes_relative_to_base_strength():
-    boxes = parse_region_weights("[0, 0, 32, 32]-0.4|[0, 32, 32, 64]-1.6", width=64, height=64)
-    control = {"input": [torch.ones(1, 2, 4, 4), None], "middle": [torch.ones(1, 2, 2, 2)]}
-    scaled = scale_control(control, boxes, base_strength=0.8)
-    grid = scaled["input"][0][0, 0]
-    assert torch.allclose(grid[:2, :2], torch.full((2, 2), 0.5)) and torch.allclose(grid[:2, 2:], torch.full((2, 2), 2.0))
-    assert torch.allclose(grid[2:], torch.ones(2, 4)), "outside every box the apply node's strength is kept"
-    assert scaled["input"][1] is None and control["input"][0].eq(1).all(), "inputs are not modified in place"
-    with pytest.raises(RegionError, match="expected '\\[y1, x1, y2, x2\\]-weight'"):
-        parse_region_weights("[1, 2, 3]-0.5", 64, 64)
 
 
 def test_region_adapter_strength_with_a_real_controlnet(tiny, comfy_nodes):

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from mixofshow.devkit.models import make_edlora
+from mixofshow.edlora.arch import cross_attention_sites
 from mixofshow.edlora.format import save_edlora
-from mixofshow.edlora.routing import cross_attention_layers, cross_attention_modules, layer_stack_of
+from mixofshow.edlora.routing import layer_stack_of
 from mixofshow.nodes.edlora import EDLoRALoader, TextEncode
 from mixofshow.nodes.regional import RegionalConditioning, RegionNode, RegionsFromText
-from mixofshow.regional.spec import RegionError, box_weights, parse_original_syntax
+from mixofshow.regional.spec import Box, RegionError
 
 NEG = "lowres"
 
@@ -40,8 +41,8 @@ class Recorder:
 
     def __init__(self, model, layer):
         self.layer = layer
-        self.key = cross_attention_layers(model.get_model_object("diffusion_model"))[layer]
-        self.module = cross_attention_modules(model.get_model_object("diffusion_model"))[layer]
+        site = cross_attention_sites(model.get_model_object("diffusion_model"))[layer]
+        self.key, self.module = site.key, site.module
         self.calls = []
         self._query = None
         model.set_model_attn2_patch(self.query)
@@ -88,8 +89,8 @@ def test_region_semantics_outside_inside_overlap_and_negatives(concept_model, co
         ],
         1: [context_at(negative, layer), context_at(encode("blurry person"), layer), context_at(encode("dead tree"), layer)],
     }
-    r1 = box_weights((0.0, 0.0, 1.0, 0.5), height, width).flatten() > 0
-    r2 = box_weights((0.0, 0.25, 1.0, 0.75), height, width).flatten() > 0
+    r1 = Box(0.0, 0.0, 1.0, 0.5).rasterise(height, width).flatten() > 0
+    r2 = Box(0.0, 0.25, 1.0, 0.75).rasterise(height, width).flatten() > 0
     only_r1, only_r2, both, neither = r1 & ~r2, r2 & ~r1, r1 & r2, ~r1 & ~r2
     assert only_r1.any() and only_r2.any() and both.any() and neither.any()
     per = out.shape[0] // len(chunks)
@@ -175,26 +176,6 @@ def test_errors_name_the_region(concept_model, comfy_nodes):
         region("a box", box=(0.5, 0.0, 0.2, 1.0))
 
 
-def test_original_string_syntax():
-    text = (
-        "[a <potter1> <potter2>, in uniform]-*-[longbody, lowres]-*-[4, 6, 1024, 490]|"
-        "[a <hermione1> <hermione2>]-*-[]-*-[10, 500, 1024, 1000]|[the forest]-*-[dark]-*-[]"
-    )
-    regions = parse_original_syntax(text, width=1024, height=1024)
-    assert [r.prompt for r in regions] == ["a <potter1> <potter2>, in uniform", "a <hermione1> <hermione2>", "the forest"]
-    assert regions[0].negative == "longbody, lowres" and regions[1].negative == ""
-    assert regions[0].box == pytest.approx((4 / 1024, 6 / 1024, 1.0, 490 / 1024))
-    assert regions[2].box == (0.0, 0.0, 1.0, 1.0)
-    chained = RegionsFromText.execute(text=text, width=1024, height=1024, regions=regions[:1]).args[0]
-    assert len(chained) == 4
-    with pytest.raises(RegionError, match="needs 4 numbers"):
-        parse_original_syntax("[a]-*-[b]-*-[1, 2, 3]", 64, 64)
-    with pytest.raises(RegionError, match=r"expected '\[prompt\]-\*-\[negative\]-\*-\[y1, x1, y2, x2\]'"):
-        parse_original_syntax("[a]-*-[1, 2, 3, 4]", 64, 64)
-    assert box_weights((0.0, 0.0, 0.5, 0.5), 4, 4).sum() == 4
-    assert box_weights((0.1, 0.1, 0.2, 0.2), 4, 4).sum() == 0, "a box smaller than a cell covers nothing at that layer"
-
-
 def test_patch_without_regions_is_a_no_op(tiny):
     from mixofshow.regional.patch import RegionalCrossAttention
 
@@ -204,3 +185,10 @@ def test_patch_without_regions_is_a_no_op(tiny):
     assert (
         patch(out, {"block": ("input", 1), "block_index": 0, "activations_shape": [2, 32, 4, 4], "cond_or_uncond": [0, 1]}) is out
     )
+
+
+def test_regions_from_text_node_chains_onto_earlier_regions():
+    first = region("a cat", box=(0.0, 0.0, 0.5, 1.0))
+    text = "[a <r1> <r2>]-*-[]-*-[0, 0, 64, 32]|[the forest]-*-[dark]-*-[]"
+    chained = RegionsFromText.execute(text=text, width=64, height=64, regions=first).args[0]
+    assert [r.prompt for r in chained] == ["a cat", "a <r1> <r2>", "the forest"]

@@ -16,17 +16,17 @@ from mixofshow.edlora.encode import encode_prompt
 from mixofshow.edlora.format import EDLoRAError, load_edlora
 from mixofshow.edlora.routing import layer_stack_of
 from mixofshow.edlora.targets import text_attention_targets, unet_attention_targets
-from mixofshow.edlora.train import (
+from mixofshow.nodes.edlora import EDLoRALoader
+from mixofshow.nodes.train import TrainEDLoRA
+from mixofshow.training.loop import (
     TrainingData,
     TrainSettings,
     encode_training_latents,
     evaluate_losses,
     initial_edlora,
-    mean_embedding_norm,
     train_edlora,
 )
-from mixofshow.nodes.edlora import EDLoRALoader
-from mixofshow.nodes.train import TrainEDLoRA
+from mixofshow.training.losses import mean_embedding_norm
 
 WORDS = ("<disc1>", "<disc2>")
 PROMPT = "a photo of <disc1> <disc2>"
@@ -407,7 +407,7 @@ def test_node_errors_name_the_problem(comfy_tiny, edloras_dir):
         run_node(comfy_tiny, images, captions="a\nb\nc")
     with pytest.raises(EDLoRAError, match="1 masks were given for 2 images"):
         run_node(comfy_tiny, images, masks=masks[:1])
-    with pytest.raises(EDLoRAError, match="plain file name"):
+    with pytest.raises(EDLoRAError, match="cannot be a file name"):
         run_node(comfy_tiny, images, filename="../escape")
     with pytest.raises(EDLoRAError, match="tokens for this text encoder"):
         run_node(comfy_tiny, images, class_word="teddy bear")

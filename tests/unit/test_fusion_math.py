@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mixofshow.fusion.solvers import solve_exact, solve_lbfgs, solve_lbfgs_raw
-from mixofshow.fusion.stats import GramGroup, LayerStats, fold_concept, merge_stats, objective
+from mixofshow.fusion.stats import FusionStats, GramGroup, LayerStats, objective
 
 
 def synthetic(d=16, k=12, rows=(9, 11, 14), seed=0):
@@ -23,9 +23,8 @@ def statistics(targets, inputs, chunk=None, first=0):
         concept = GramGroup.empty(x.shape[1])
         for start in range(0, x.shape[0], chunk or x.shape[0]):
             concept.add_rows(x[start : start + (chunk or x.shape[0])])
-        fold_concept(layer, concept, w, f"c{first + i}")
-        group.gram += concept.gram
-        group.rows += concept.rows
+        layer.fold(concept, w, f"c{first + i}")
+        group.add(concept)
     return group, layer
 
 
@@ -94,11 +93,11 @@ def test_statistics_are_additive():
     all_group, all_layer = statistics(targets, inputs)
     g1, l1 = statistics(targets[:2], inputs[:2])
     g2, l2 = statistics(targets[2:], inputs[2:], first=2)
-    merged = merge_stats({"groups": {"g": g1}, "layers": {"w": l1}}, {"groups": {"g": g2}, "layers": {"w": l2}})
-    assert torch.allclose(merged["groups"]["g"].gram, all_group.gram)
-    assert torch.allclose(merged["layers"]["w"].cross, all_layer.cross)
-    assert torch.allclose(merged["layers"]["w"].const, all_layer.const)
-    assert merged["layers"]["w"].rows == all_layer.rows and merged["layers"]["w"].concepts == ["c0", "c1", "c2"]
+    merged = FusionStats({"g": g1}, {"w": l1}).merged(FusionStats({"g": g2}, {"w": l2}))
+    assert torch.allclose(merged.groups["g"].gram, all_group.gram)
+    assert torch.allclose(merged.layers["w"].cross, all_layer.cross)
+    assert torch.allclose(merged.layers["w"].const, all_layer.const)
+    assert merged.layers["w"].rows == all_layer.rows and merged.layers["w"].concepts == ["c0", "c1", "c2"]
     assert torch.allclose(g1.gram, statistics(targets[:2], inputs[:2])[0].gram), "merging must not modify its inputs"
 
 
@@ -118,3 +117,18 @@ def test_layer_statistics_helper_matches_streamed_statistics():
     helper_group, helper_layer = layer_statistics(inputs, targets)
     assert torch.allclose(helper_group.gram, group.gram) and torch.allclose(helper_layer.cross, layer.cross)
     assert torch.allclose(helper_layer.const, layer.const) and helper_layer.rows == layer.rows == helper_group.rows
+
+
+def test_fusion_stats_round_trip_through_tensors_and_devices():
+    w0, targets, inputs = synthetic()
+    group, layer = statistics(targets, inputs)
+    stats = FusionStats({"g": group}, {"w": layer})
+    tensors, index = stats.to_tensors("stats.stage")
+    assert set(tensors) == {"stats.stage.gram.g", "stats.stage.cross.w", "stats.stage.const.w"}
+    back = FusionStats.from_tensors(tensors, index, "stats.stage")
+    assert torch.equal(back.groups["g"].gram, group.gram) and back.groups["g"].rows == group.rows
+    assert torch.equal(back.layers["w"].cross, layer.cross) and torch.equal(back.layers["w"].const, layer.const)
+    assert back.layers["w"].concepts == layer.concepts and torch.equal(back.gram_of("w"), group.gram)
+    moved = stats.to("cpu")
+    moved.groups["g"].gram += 1
+    assert not torch.equal(moved.groups["g"].gram, group.gram), "to() copies"

@@ -10,16 +10,9 @@ import torch
 from PIL import Image
 
 from mixofshow.edlora.format import EDLoRAError
-from mixofshow.edlora.train import (
-    attention_regularisation,
-    diffusion_target,
-    init_embeddings,
-    init_lora_pair,
-    latent_masks,
-    masked_mse,
-    mean_embedding_norm,
-)
-from mixofshow.edlora.train_data import expand_captions, parse_concept_words, prepare_images, read_image_folder, square_crop
+from mixofshow.training.data import expand_captions, parse_concept_words, prepare_images, read_image_folder, square_crop
+from mixofshow.training.loop import init_embeddings, init_lora_pair
+from mixofshow.training.losses import attention_regularisation, diffusion_target, latent_masks, masked_mse, mean_embedding_norm
 
 # ------------------------------------------------------------------------------------------------ data
 

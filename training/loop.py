@@ -16,8 +16,9 @@ the attention regulariser when there are subject masks. AdamW with one learning 
 zero, no warm-up. When the mean norm of the concept vectors reaches the threshold, they stop learning.
 
 ComfyUI loads model weights under ``torch.inference_mode``; such tensors cannot take part in autograd. While a
-run lasts, :func:`autograd_usable` swaps them for ordinary copies with the same values and puts the originals
-back afterwards, so the shared model objects end exactly as they were.
+run lasts, :func:`.hooks.autograd_usable` swaps them for ordinary copies with the same values and puts the
+originals back afterwards, so the shared model objects end exactly as they were. The losses are in
+:mod:`.losses`, the hooks in :mod:`.hooks`, images and captions in :mod:`.data`.
 """
 
 from __future__ import annotations
@@ -25,39 +26,40 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 
-from .apply import text_embedding_width, token_embedding
-from .concepts import ConceptEntry, ConceptSet
-from .encode import LayerwiseTokens, layerwise_tokens, single_token
-from .format import EDLoRA, EDLoRAError, LoRAPair
-from .prompt import layer_variants
-from .routing import LAYER_CONTEXT_KEY, cross_attention_layers, install_layer_routing
-from .targets import Target, text_attention_targets, unet_attention_targets
+from ..edlora.apply import text_embedding_width, token_embedding
+from ..edlora.arch import cross_attention_sites, layer_count
+from ..edlora.concepts import ConceptEntry, ConceptSet
+from ..edlora.encode import LayerwiseTokens, layerwise_tokens, single_token
+from ..edlora.format import EDLoRA, EDLoRAError, LoRAPair
+from ..edlora.prompt import layer_variants
+from ..edlora.routing import LAYER_CONTEXT_KEY, install_layer_routing
+from ..edlora.targets import Target, text_attention_targets, unet_attention_targets
+from .hooks import AttentionProbe, LoRAHooks, autograd_usable, checkpointed_blocks, layer_norm_inputs_kept
+from .losses import attention_regularisation, diffusion_target, latent_masks, masked_mse, mean_embedding_norm
 
 log = logging.getLogger("mixofshow")
-
 RANDOM_INIT_STD = 0.013
 RANDOM_INIT_STD_WITHOUT_CLASS = 0.017
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyperparameters of one run; the defaults are the original's (``8101_EDLoRA_potter_Cmix_B4``)."""
+    """Hyperparameters of one run; the defaults are the original's (``8101_EDLoRA_potter_Cmix_B4``) and the single
+    source of MoS Train ED-LoRA's widget defaults."""
 
     words: tuple[str, ...] = ("<name1>", "<name2>")
-    class_word: str = ""
+    class_word: str = "person"
     rank: int = 4
-    steps: int = 500
+    steps: int = 1000
     batch_size: int = 2
     seed: int = 0
     lr_embedding: float = 1e-3
@@ -94,9 +96,6 @@ class TrainResult:
     frozen_at: int | None = None  # number of steps after which the embeddings stopped learning
 
 
-# --------------------------------------------------------------------------------------------- plain math
-
-
 def init_lora_pair(out_features: int, in_features: int, rank: int, generator: torch.Generator) -> LoRAPair:
     """The original's init: ``down`` Kaiming-uniform (a = sqrt 5, i.e. U(+-1/sqrt(in))), ``up`` zero."""
     bound = 1.0 / math.sqrt(in_features)
@@ -121,223 +120,6 @@ def init_embeddings(
             vector = torch.randn(1, width, generator=generator) * std
         out[word] = vector.repeat(layers, 1)
     return out
-
-
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error per image over the pixels ``mask`` ([B, 1, h, w], weights in 0..1) selects, averaged over the batch."""
-    error = (prediction.float() - target.float()).pow(2)
-    if mask is None:
-        return error.mean()
-    weights = mask.float().expand_as(error)
-    per_image = (error * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp_min(1e-8)
-    return per_image.mean()
-
-
-def latent_masks(subject_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Subject masks ``[B, 1, H, W]`` averaged down to the latent grid ``size``."""
-    return F.interpolate(subject_masks.float(), size=size, mode="area")
-
-
-def attention_regularisation(maps: list[tuple[torch.Tensor, tuple[int, int]]], subject_masks: torch.Tensor) -> torch.Tensor:
-    """How much the concept words attend outside the subject (main branch's ``attn_reg``, ``reg_full_identity`` off).
-
-    ``maps`` holds, per cross-attention layer, the head-averaged attention of every pixel to each concept word
-    (``[B, h*w, words]``) and the layer's grid ``(h, w)``. Layers of one resolution are averaged; each word's
-    map is divided by its maximum; the penalty is the map's mean over the pixels outside the mask. Images whose
-    mask covers everything contribute nothing (the original skips the NaN). Summed over words and resolutions,
-    averaged over the batch.
-    """
-    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for attention, grid in maps:
-        groups.setdefault(grid, []).append(attention.float())
-    total = torch.zeros((), device=subject_masks.device)
-    for (height, width), layer_maps in groups.items():
-        attention = torch.stack(layer_maps).mean(0)
-        batch, _, words = attention.shape
-        attention = attention.transpose(1, 2).reshape(batch, words, height, width)
-        attention = attention / attention.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-        outside = 1.0 - F.interpolate(subject_masks.float().to(attention.device), size=(height, width), mode="area")
-        area = outside.sum(dim=(-2, -1))
-        penalty = (attention * outside).sum(dim=(-2, -1)) / area.clamp_min(1e-8)
-        penalty = torch.where(area > 1e-6, penalty, torch.zeros_like(penalty))
-        total = total + penalty.mean(0).sum()
-    return total
-
-
-def mean_embedding_norm(embeddings: dict[str, torch.Tensor]) -> float:
-    """Mean L2 norm over every layer vector of every concept word (what the freeze threshold compares)."""
-    return float(torch.cat([e.detach().float() for e in embeddings.values()]).norm(dim=-1).mean())
-
-
-def diffusion_target(model_sampling, latent: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """What the UNet should output: the noise for epsilon models, v (``(noise - sigma x0) / sqrt(sigma^2 + 1)`` at
-    sigma_data 1) for v-prediction models, in ComfyUI's sigma parametrisation (``x_t = x0 + sigma noise``)."""
-    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
-        s = sigma.reshape(-1, *([1] * (latent.dim() - 1)))
-        data = float(model_sampling.sigma_data)
-        return (noise * data - s * latent / data) / (s**2 + data**2).sqrt()
-    if isinstance(model_sampling, comfy.model_sampling.EPS):
-        return noise
-    raise EDLoRAError(f"ED-LoRA training supports epsilon and v-prediction models, not {type(model_sampling).__name__}.")
-
-
-# ------------------------------------------------------------------------------------- training machinery
-
-
-@contextmanager
-def autograd_usable(*modules: torch.nn.Module) -> Iterator[None]:
-    """Within the block, weights created under ``torch.inference_mode`` are replaced by ordinary copies and no
-    base weight requires a gradient; afterwards every tensor object is back in place unchanged."""
-    swapped: list[tuple[dict, str, torch.Tensor]] = []
-    frozen: list[torch.nn.Parameter] = []
-    copies: dict[int, torch.Tensor] = {}
-    try:
-        with torch.inference_mode(False):
-            for root in modules:
-                for module in root.modules():
-                    for store in (module._parameters, module._buffers):
-                        for name, tensor in list(store.items()):
-                            if tensor is None:
-                                continue
-                            if tensor.is_inference():
-                                copy = copies.get(id(tensor))
-                                if copy is None:
-                                    copy = tensor.clone()
-                                    if isinstance(tensor, torch.nn.Parameter):
-                                        copy = torch.nn.Parameter(copy, requires_grad=False)
-                                    copies[id(tensor)] = copy
-                                swapped.append((store, name, tensor))
-                                store[name] = copy
-                            elif isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
-                                tensor.requires_grad_(False)
-                                frozen.append(tensor)
-        yield
-    finally:
-        for store, name, tensor in reversed(swapped):
-            store[name] = tensor
-        for tensor in frozen:
-            tensor.requires_grad_(True)
-
-
-@contextmanager
-def layer_norm_inputs_kept(root: torch.nn.Module) -> Iterator[None]:
-    """Give every LayerNorm in ``root`` a copy of its input while the block lasts.
-
-    ComfyUI's CLIP layers update the residual stream in place (``x += attn(norm(x))``), which is fine for
-    inference but destroys the input LayerNorm saved for its backward pass. A copy per LayerNorm is the
-    smallest change that makes the text encoder trainable without touching ComfyUI's code.
-    """
-    handles = []
-    try:
-        for module in root.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                handles.append(module.register_forward_pre_hook(lambda _module, args: (args[0].clone(), *args[1:])))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def checkpointed_blocks(diffusion_model: torch.nn.Module) -> Iterator[int]:
-    """Recompute every UNet res block and spatial transformer in the backward pass instead of keeping its
-    activations (less memory, about a third more time). Yields how many layers are checkpointed.
-
-    Each call gets its own shallow copy of ``transformer_options``: the UNet rewrites ``block`` for every block, and
-    the recomputation must see the values of the original call or cross-attention would be routed to the wrong layer.
-    """
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-
-    blocks = [*getattr(diffusion_model, "input_blocks", []), getattr(diffusion_model, "middle_block", None)]
-    blocks += list(getattr(diffusion_model, "output_blocks", []))
-    layers = [
-        layer for block in blocks if block is not None for layer in block if isinstance(layer, (ResBlock, SpatialTransformer))
-    ]
-
-    def wrap(layer):
-        original = layer.forward
-
-        def forward(*args, **kwargs):
-            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
-            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-            return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
-
-        return forward
-
-    try:
-        for layer in layers:
-            layer.forward = wrap(layer)
-        yield len(layers)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-
-
-class LoRAHooks:
-    """Trainable rank-r adapters on Linear modules, added to their outputs by forward hooks while attached."""
-
-    def __init__(self, root: torch.nn.Module, targets: list[Target], start: dict[str, LoRAPair], device):
-        missing = [t.name for t in targets if t.name not in start]
-        if missing:
-            raise EDLoRAError(f"The starting ED-LoRA has no LoRA for '{missing[0]}' ({len(missing)} modules missing).")
-        self.targets = targets
-        self.modules = [root.get_submodule(t.module_path) for t in targets]
-        self.down = [torch.nn.Parameter(start[t.name].down.float().to(device).clone()) for t in targets]
-        self.up = [torch.nn.Parameter(start[t.name].up.float().to(device).clone()) for t in targets]
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.down, *self.up]
-
-    @contextmanager
-    def attached(self) -> Iterator[None]:
-        handles = []
-        try:
-            for module, down, up in zip(self.modules, self.down, self.up, strict=True):
-                handles.append(module.register_forward_hook(_lora_hook(down, up)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def pairs(self) -> dict[str, LoRAPair]:
-        return {
-            t.name: LoRAPair(down=d.detach().float().cpu().clone(), up=u.detach().float().cpu().clone())
-            for t, d, u in zip(self.targets, self.down, self.up, strict=True)
-        }
-
-
-def _lora_hook(down: torch.Tensor, up: torch.Tensor):
-    def hook(module, args, output):
-        x = args[0]
-        return output + ((x.to(down.dtype) @ down.t()) @ up.t()).to(output.dtype)
-
-    return hook
-
-
-class AttentionProbe:
-    """attn2_replace patch: explicit cross-attention that keeps each layer's head-averaged attention to the
-    concept-word positions of each image (set :attr:`positions`, ``[B, words]``, before the UNet call)."""
-
-    def __init__(self):
-        self.positions: torch.Tensor | None = None
-        self.maps: list[tuple[torch.Tensor, tuple[int, int]]] = []
-
-    def __call__(self, q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        batch, pixels, inner = q.shape
-        dim = inner // heads
-        qh = q.reshape(batch, pixels, heads, dim).transpose(1, 2)
-        kh = k.reshape(batch, -1, heads, dim).transpose(1, 2)
-        vh = v.reshape(batch, -1, heads, dim).transpose(1, 2)
-        probs = ((qh.float() @ kh.float().transpose(-1, -2)) * dim**-0.5).softmax(dim=-1)
-        if self.positions is not None and self.positions.shape[0] == batch:
-            index = self.positions.to(probs.device)[:, None, :].expand(-1, pixels, -1)
-            shape = extra_options.get("activations_shape")
-            side = math.isqrt(pixels)  # training crops are square
-            grid = tuple(shape[-2:]) if shape is not None else (side, side)
-            self.maps.append((probs.mean(dim=1).gather(-1, index), grid))
-        return (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(batch, pixels, inner)
 
 
 @dataclass
@@ -417,7 +199,7 @@ def initial_edlora(model, clip, settings: TrainSettings, name: str = "<trained>"
     """Where a run starts (seeded by ``settings.seed``): initial vectors and LoRA pairs with ``up = 0``."""
     check_trainable(model, clip, settings)
     generator = torch.Generator().manual_seed(settings.seed)
-    layers = len(cross_attention_layers(model.get_model_object("diffusion_model")))
+    layers = layer_count(model.get_model_object("diffusion_model"))
     class_vector = class_word_vector(clip, settings.class_word)
     embeddings = init_embeddings(list(settings.words), class_vector, layers, text_embedding_width(clip), generator)
 
@@ -436,8 +218,8 @@ class _Session:
     def __init__(self, model, clip, start: EDLoRA, data: TrainingData, settings: TrainSettings, stack: ExitStack):
         self.settings = settings
         self.words = start.words
-        layer_keys = cross_attention_layers(model.get_model_object("diffusion_model"))
-        self.layers = len(layer_keys)
+        sites = cross_attention_sites(model.get_model_object("diffusion_model"))
+        self.layers = layer_count(model.get_model_object("diffusion_model"))
         concepts = ConceptSet().add(ConceptEntry(start))
         self.captions = [_caption_tokens(clip, concepts, prompt, self.words) for prompt in data.prompts]
 
@@ -446,8 +228,8 @@ class _Session:
         use_masks = data.subject_masks is not None
         self.probe = AttentionProbe() if use_masks and settings.attention_reg_weight > 0 else None
         if self.probe is not None:
-            for block_name, block_id, t_index in layer_keys:
-                self.model.set_model_attn2_replace(self.probe, block_name, block_id, t_index)
+            for site in sites:
+                self.model.set_model_attn2_replace(self.probe, *site.key)
         self.clip = clip.clone()
 
         comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)

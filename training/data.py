@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .format import CONCEPT_WORD_RE, EDLoRAError
+from ..edlora.format import CONCEPT_WORD_RE, EDLoRAError
 
 TOKEN = "<TOK>"
 DEFAULT_TEMPLATE = "a photo of <TOK>"

@@ -1,0 +1,103 @@
+"""What a fusion is asked to do and what it produces: settings, per-stage reports, the fused model, its fingerprint.
+
+Kept apart from the procedure so that bundles (:mod:`.bundle`) read and write results without depending on how
+they were computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..edlora.concepts import ConceptSet
+from ..edlora.routing import install_layer_routing
+from .stats import FusionStats
+
+#: The stages of gradient fusion, in the original's order.
+STAGES = ("text_encoder", "cross_attention_kv", "unet_spatial")
+
+
+class FusionError(ValueError):
+    """A fusion that cannot run with these inputs; the message names the input at fault."""
+
+
+@dataclass
+class FusionSettings:
+    text_encoder_iters: int = 500
+    unet_iters: int = 50
+    sample_steps: int = 20
+    sample_resolution: int = 512
+    seed: int = 0
+    solver: str = "lbfgs"
+    device: str = "auto"
+    ridge: float = 1e-6
+    #: which token positions of the fusion prompts feed the text-encoder and K/V statistics: "padded" = all of
+    #: them, as ComfyUI encodes prompts (padded to 77 tokens); "original" = start..first end token for the text
+    #: encoder and concept words + first end token for K/V, as the research code did with unpadded prompts.
+    token_positions: str = "padded"
+
+    def as_metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class StageReport:
+    """How one stage went: layers solved and the summed objective before and after."""
+
+    layers: int = 0
+    loss_before: float = 0.0
+    loss_after: float = 0.0
+
+    def add(self, loss_before: float, loss_after: float) -> None:
+        self.layers += 1
+        self.loss_before += loss_before
+        self.loss_after += loss_after
+
+
+@dataclass
+class FusedModel:
+    """The outcome of a fusion: weight diffs against the base, the concepts, and how it was made."""
+
+    method: str
+    unet_diffs: dict[str, torch.Tensor]
+    text_diffs: dict[str, torch.Tensor]
+    concepts: ConceptSet
+    settings: dict[str, str] = field(default_factory=dict)
+    stage_reports: dict[str, StageReport] = field(default_factory=dict)
+    drift: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, FusionStats] | None = None  # per stage, kept so a later fusion can add concepts
+    base_fingerprint: str = ""
+
+    def apply(self, model, clip):
+        """Clones of ``model``/``clip`` with the fused weights as diff patches and layer routing installed."""
+        new_model = model.clone()
+        new_model.add_patches({k: ("diff", (d,)) for k, d in self.unet_diffs.items()}, 1.0)
+        install_layer_routing(new_model)
+        new_clip = clip.clone()
+        new_clip.add_patches({k: ("diff", (d,)) for k, d in self.text_diffs.items()}, 1.0)
+        return new_model, new_clip
+
+    def report(self) -> str:
+        lines = [f"Mix-of-Show {self.method}: {len(self.concepts)} concepts ({self.concepts.describe()})"]
+        for stage in STAGES:
+            r = self.stage_reports.get(stage)
+            if r is None or r.layers == 0:
+                continue
+            change = 100.0 * (r.loss_after - r.loss_before) / r.loss_before if r.loss_before > 0 else 0.0
+            lines.append(f"  {stage}: {r.layers} layers, objective {r.loss_before:.4g} -> {r.loss_after:.4g} ({change:+.1f}%)")
+        if self.drift:
+            lines.append("  identity drift (relative error of the noise prediction against each concept's own ED-LoRA model):")
+            for name, value in self.drift.items():
+                lines.append(f"    {name}: {value:.4f}")
+        return "\n".join(lines)
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """A short hash of base weights, so a fusion is only saved, loaded or extended on the base it was made on."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(weights[key].detach().to(torch.float16).numpy().tobytes())
+    return digest.hexdigest()[:16]

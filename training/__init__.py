@@ -1,0 +1,1 @@
+"""Single-client tuning: training one concept's ED-LoRA inside ComfyUI."""
