@@ -4,7 +4,8 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import MixOfShowExtension, register_model_folders
+    from .nodes import MixOfShowExtension, register_model_folders, register_prompt_checks
 
     register_model_folders()
+    register_prompt_checks()
     return MixOfShowExtension()

@@ -129,9 +129,13 @@ def _vae(seed: int, ddconfig: dict) -> comfy.sd.VAE:
     return comfy.sd.VAE(sd=module.state_dict(), config=config)
 
 
-def tiny_sd1(seed: int = 0, unet_dtype: torch.dtype = torch.float32):
-    """``(MODEL, CLIP, VAE)``: a tiny SD1.x-shaped model (16 cross-attention layers), deterministic per seed."""
-    return _unet(_TinySD15, TINY_UNET, seed + 1, unet_dtype), _clip(seed + 2, TINY_CLIP), _vae(seed + 3, TINY_VAE)
+def tiny_sd1(seed: int = 0, unet_dtype: torch.dtype = torch.float32, channels: int = 32):
+    """``(MODEL, CLIP, VAE)``: a tiny SD1.x-shaped model (16 cross-attention layers), deterministic per seed.
+
+    At 32 channels every GroupNorm group holds one channel, so the deepest level needs at least 2x2 cells (images
+    of 128 px and more); ``channels=64`` also runs the 64 px images SD1.5 itself accepts."""
+    unet = {**TINY_UNET, "model_channels": channels}
+    return _unet(_TinySD15, unet, seed + 1, unet_dtype), _clip(seed + 2, TINY_CLIP), _vae(seed + 3, TINY_VAE)
 
 
 def sd15_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:

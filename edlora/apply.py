@@ -2,11 +2,18 @@
 
 ED-LoRA module names are rewritten to their kohya names (:mod:`.keys`) and resolved through ComfyUI's own LoRA
 key maps, so the patches are exactly what core's LoraLoader would build for a kohya file with scale 1:
-``W + strength * up @ down``. Every module must resolve and match the model's weight shape; otherwise the
-file was made for another architecture and loading stops with an error that says so.
+``W + strength * up @ down``.
+
+:func:`fit_to_model` is the one check of an ED-LoRA against a model, used by every path (loader, fusion, drift,
+training): its embeddings have the text encoder's width and one vector per layer (or a single one), every module
+exists in the model and its delta has exactly the weight's shape. Anything else stops with an error naming the
+file and the first module or word at fault, before any work starts. (Whether values are finite and tensors pair
+up is checked when the file is read, :mod:`.format`.)
 """
 
 from __future__ import annotations
+
+import math
 
 import comfy.lora
 import torch
@@ -29,11 +36,11 @@ def _resolve(pairs, namer, key_map: dict, state_shapes: dict, what: str, edlora:
             continue
         want = tuple(state_shapes[model_key])
         got = (pair.up.shape[0], pair.down.shape[1], *pair.down.shape[2:])
-        if tuple(got[:2]) != want[:2]:
+        if not delta_fits(got, want):
             raise EDLoRAError(
                 f"'{edlora.name}': the {what} LoRA for '{module}' has shape {list(got)} but the model's weight is "
-                f"{list(want)}. This ED-LoRA was trained for a different base architecture (Mix-of-Show ED-LoRAs "
-                "are SD1.x; is this an SDXL or SD2 model?)."
+                f"{list(want)}. The file is damaged or was trained for a different base architecture (Mix-of-Show "
+                "ED-LoRAs are SD1.x; is this an SDXL or SD2 model?)."
             )
         to_load[kohya] = model_key
     if unmatched:
@@ -42,6 +49,14 @@ def _resolve(pairs, namer, key_map: dict, state_shapes: dict, what: str, edlora:
             f"model (first: '{unmatched[0]}'). The file was trained for a different architecture."
         )
     return to_load
+
+
+def delta_fits(delta_shape: tuple, weight_shape: tuple) -> bool:
+    """A LoRA delta fits a weight when the shapes are equal, or differ only by trailing 1s (Linear vs 1x1 conv)."""
+    delta_shape, weight_shape = tuple(delta_shape), tuple(weight_shape)
+    if delta_shape == weight_shape:
+        return True
+    return delta_shape[:2] == weight_shape[:2] and math.prod(delta_shape[2:]) == 1 and math.prod(weight_shape[2:]) == 1
 
 
 def _state_shapes(module: torch.nn.Module) -> dict[str, tuple]:
@@ -80,6 +95,12 @@ def module_keys(edlora: EDLoRA, model, clip) -> tuple[dict[str, str], dict[str, 
     return unet, text
 
 
+def fit_to_model(edlora: EDLoRA, model, clip) -> tuple[dict[str, str], dict[str, str]]:
+    """The one check of ``edlora`` against ``model``/``clip`` (either may be None); returns :func:`module_keys`."""
+    check_embeddings_fit(edlora, model, clip)
+    return module_keys(edlora, model, clip)
+
+
 def edlora_patches(edlora: EDLoRA, model, clip) -> tuple[dict, dict]:
     """ComfyUI patch dicts ``(unet_patches, clip_patches)`` for ``edlora`` on ``model``/``clip`` (either may be None)."""
     unet_keys, text_keys = module_keys(edlora, model, clip)
@@ -112,6 +133,12 @@ def check_embeddings_fit(edlora: EDLoRA, model, clip) -> None:
             )
 
 
+def check_concepts_fit(concepts: ConceptSet | None, model, clip) -> None:
+    """:func:`check_embeddings_fit` for every concept of a CONCEPTS value (either model or clip may be None)."""
+    for entry in concepts.entries if concepts is not None else ():
+        check_embeddings_fit(entry.edlora, model, clip)
+
+
 def load_edlora_into(
     model, clip, edlora: EDLoRA, unet_strength: float, text_encoder_strength: float, concepts: ConceptSet | None = None
 ):
@@ -120,7 +147,7 @@ def load_edlora_into(
     The inputs are never modified. Concept-word clashes and architecture mismatches raise before anything is built.
     """
     concepts = (concepts or ConceptSet()).add(ConceptEntry(edlora, unet_strength, text_encoder_strength))
-    check_embeddings_fit(edlora, model, clip)
+    fit_to_model(edlora, model, clip)
     unet_patches, clip_patches = edlora_patches(edlora, model, clip)
     new_model = None
     if model is not None:

@@ -7,6 +7,7 @@ original silently let the later one win).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,9 @@ class ConceptSet:
 
     def add(self, entry: ConceptEntry) -> ConceptSet:
         """A new set with ``entry`` appended; clashing concept words or layer counts are refused by name."""
+        for what, value in (("UNet", entry.unet_strength), ("text-encoder", entry.text_encoder_strength)):
+            if not math.isfinite(value):
+                raise EDLoRAError(f"'{entry.edlora.name}': the {what} strength must be a finite number, got {value!r}.")
         owners = self.word_owners()
         for word in entry.edlora.words:
             if word in owners:

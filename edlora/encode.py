@@ -14,7 +14,7 @@ import torch
 
 from .concepts import ConceptSet
 from .format import EDLoRAError
-from .prompt import PLACEHOLDER_CANDIDATES, check_known_words, layer_variants, substitute_words
+from .prompt import MAX_CONCEPT_WORDS, PLACEHOLDER_CANDIDATES, check_known_words, layer_variants, substitute_words
 from .routing import layerwise_conditioning
 
 
@@ -47,8 +47,9 @@ def choose_stand_ins(clip, prompt_without_words: str, count: int) -> dict[str, i
             chosen[candidate] = token
     if len(chosen) < count:
         raise EDLoRAError(
-            f"Could not find {count} unused one-token stand-ins for the concept words of this prompt "
-            "with this tokenizer; use fewer distinct concept words in one prompt."
+            f"This prompt names {count} distinct concept words, but one prompt can name at most {len(chosen)} with this "
+            f"text encoder (at most {MAX_CONCEPT_WORDS}; fewer when the prompt itself uses some of the stand-in words "
+            "such as 'zebra' or 'apple'). Split the concepts over regions (MoS Regional Conditioning) or prompts."
         )
     return chosen
 

@@ -15,11 +15,9 @@ import zipfile
 
 import torch
 
+from .errors import ModelFileError
+
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used; the message names the file and says what is wrong."""
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import keys as edkeys
-from .files import ModelFileError, atomic_write, check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
+from .errors import ModelFileError
+from .files import atomic_write, check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
 
 FORMAT_NAME = "mixofshow.edlora"
 FORMAT_VERSION = "1"
@@ -161,7 +162,7 @@ def edlora_from_state(state, name: str = "<memory>") -> EDLoRA:
         value = state.get(section, {})
         if not isinstance(value, dict):
             raise EDLoRAError(f"'{name}': section '{section}' must be a dict, found {type(value).__name__}.")
-    embeddings = _validate_embeddings(state.get("new_concept_embedding", {}), name)
+    embeddings = validate_embeddings(state.get("new_concept_embedding", {}), name)
     unet = _pair_up(state.get("unet", {}), "unet", name)
     text = _pair_up(state.get("text_encoder", {}), "text_encoder", name)
     if not embeddings:
@@ -171,7 +172,7 @@ def edlora_from_state(state, name: str = "<memory>") -> EDLoRA:
     return EDLoRA(embeddings=embeddings, unet=unet, text_encoder=text, name=name)
 
 
-def _validate_embeddings(raw: dict, name: str) -> dict[str, torch.Tensor]:
+def validate_embeddings(raw: dict, name: str) -> dict[str, torch.Tensor]:
     embeddings: dict[str, torch.Tensor] = {}
     shape = None
     for word, tensor in raw.items():
@@ -200,6 +201,8 @@ def _pair_up(raw: dict, section: str, name: str) -> dict[str, LoRAPair]:
             )
         if not torch.is_tensor(tensor) or not tensor.is_floating_point():
             raise EDLoRAError(f"'{name}': '{section}.{key}' is not a float tensor.")
+        if not torch.isfinite(tensor).all():
+            raise EDLoRAError(f"'{name}': '{section}.{key}' contains NaN or infinite values; the file is damaged.")
         module, part = split
         if part in parts.setdefault(module, {}):
             raise EDLoRAError(f"'{name}': '{section}' holds module '{module}' twice (both key spellings?).")

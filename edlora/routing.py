@@ -24,6 +24,7 @@ import comfy.patcher_extension
 import torch
 
 from .arch import cross_attention_sites, layer_of_site
+from .format import EDLoRAError
 
 LAYER_CONTEXT_KEY = "mos_layer_context"
 WRAPPER_KEY = "mixofshow_layer_context"
@@ -77,11 +78,24 @@ class LayerContextRouter:
         return n, routed, routed
 
 
-def _move_stack_to_transformer_options(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-    stack = kwargs.pop(LAYER_CONTEXT_KEY, None)
-    if stack is not None:
-        transformer_options = {**transformer_options, LAYER_CONTEXT_KEY: stack}
-    return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+class LayerContextMover:
+    """DIFFUSION_MODEL wrapper: hands the layer-context stack of a UNet call to the attn2 patches, after checking
+    that it has one encoding per layer of this model (or one for all), so a prompt encoded for another model stops
+    with an error instead of being routed to the wrong layers."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        stack = kwargs.pop(LAYER_CONTEXT_KEY, None)
+        if stack is not None:
+            if stack.shape[1] not in (1, self.layers):
+                raise EDLoRAError(
+                    f"A prompt was encoded with {stack.shape[1]} layer-wise concept vectors per word, but this model has "
+                    f"{self.layers} cross-attention layers: the concepts were made for another model."
+                )
+            transformer_options = {**transformer_options, LAYER_CONTEXT_KEY: stack}
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
 def _fill_missing_stacks(executor, model, conds, x_in, timestep, model_options):
@@ -120,8 +134,6 @@ def install_layer_routing(model_patcher) -> int:
     if is_routed(model_patcher):
         return layers
     model_patcher.set_model_attn2_patch(LayerContextRouter(layer_of))
-    model_patcher.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _move_stack_to_transformer_options
-    )
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, LayerContextMover(layers))
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, _fill_missing_stacks)
     return layers

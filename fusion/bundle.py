@@ -22,9 +22,11 @@ import re
 
 import torch
 
+from ..edlora.apply import check_embeddings_fit
 from ..edlora.concepts import ConceptEntry, ConceptSet
-from ..edlora.files import ModelFileError, check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
-from ..edlora.format import EDLoRA, EDLoRAError
+from ..edlora.errors import ModelFileError
+from ..edlora.files import check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
+from ..edlora.format import EDLoRA, EDLoRAError, validate_embeddings
 from .results import FusedModel, StageReport
 from .stats import FusionStats
 
@@ -100,7 +102,8 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
     """Read a bundle, or the original's ``combined_model*.pth`` / ``new_concept_cfg.json`` folder.
 
     ``base_weights_fn(keys) -> {key: tensor}`` gives the base's effective weights; it is needed to turn full
-    tensors into diffs against the model they are loaded onto.
+    tensors into diffs against the model they are loaded onto. Every structural problem (missing or malformed
+    metadata, missing tensors, non-finite values) is a :class:`FusedFileError` naming the file and the field.
     """
     name = os.path.basename(path)
     if os.path.basename(path) == "new_concept_cfg.json":
@@ -111,45 +114,90 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
     if metadata.get("format_name") != FORMAT_NAME:
         raise FusedFileError(f"'{name}' is not a Mix-of-Show fused bundle (an ED-LoRA goes to MoS ED-LoRA Loader).")
     check_format(metadata, name, FORMAT_NAME, (FORMAT_VERSION,), FusedFileError)
-    words = json.loads(metadata["concept_words"])
-    embeddings = {w: tensors[f"embedding.{i}"] for i, w in enumerate(words)}
-    concepts = _concept_set(json.loads(metadata.get("concepts", "[]")), embeddings, name)
-    sections = {"unet": {}, "text_encoder": {}}
+    words = _metadata_json(metadata, "concept_words", None, list, name)
+    embeddings = {}
+    for i, word in enumerate(words):
+        key = f"embedding.{i}"
+        if key not in tensors:
+            raise FusedFileError(f"'{name}': concept word {word!r} has no tensor '{key}'; the file is damaged.")
+        embeddings[word] = tensors[key]
+    embeddings = _checked(lambda: validate_embeddings(embeddings, name))
+    concepts = _concept_set(_metadata_json(metadata, "concepts", [], list, name), embeddings, name)
+    sections: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
     for key, tensor in tensors.items():
         prefix, _, rest = key.partition(".")
         if prefix in sections:
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise FusedFileError(f"'{name}': fused weight '{key}' is not finite floating-point data; the file is damaged.")
             sections[prefix][rest] = tensor
     if metadata.get("storage") == "full":
         sections = {s: _full_to_diff(v, base_weights_fn, name) for s, v in sections.items()}
-    index = json.loads(metadata.get("stats_index", "{}"))
-    stats = {stage: FusionStats.from_tensors(tensors, entry, f"stats.{stage}") for stage, entry in index.items()}
-    reports = {k: StageReport(**v) for k, v in json.loads(metadata.get("stage_reports", "{}")).items()}
+    index = _metadata_json(metadata, "stats_index", {}, dict, name)
+    try:
+        stats = {stage: FusionStats.from_tensors(tensors, entry, f"stats.{stage}") for stage, entry in index.items()}
+        reports = {k: StageReport(**v) for k, v in _metadata_json(metadata, "stage_reports", {}, dict, name).items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise FusedFileError(
+            f"'{name}': its statistics or stage reports are incomplete ({exc!r}); the file is damaged."
+        ) from None
     return FusedModel(
         method=metadata.get("method", "fused"),
         unet_diffs=sections["unet"],
         text_diffs=sections["text_encoder"],
         concepts=concepts,
-        settings=json.loads(metadata.get("settings", "{}")),
+        settings=_metadata_json(metadata, "settings", {}, dict, name),
         stage_reports=reports,
-        drift=json.loads(metadata.get("drift", "{}")),
+        drift=_metadata_json(metadata, "drift", {}, dict, name),
         stats=stats or None,
         base_fingerprint=metadata.get("base_fingerprint", ""),
     )
 
 
-def _concept_set(meta: list[dict], embeddings: dict[str, torch.Tensor], name: str) -> ConceptSet:
+def _metadata_json(metadata: dict, key: str, default, kind: type, name: str):
+    """A JSON metadata field of kind ``kind``; ``default`` None means the field is required."""
+    text = metadata.get(key)
+    if text is None:
+        if default is None:
+            raise FusedFileError(
+                f"'{name}': metadata '{key}' is missing; the file was not written by MoS Save Fused or is damaged."
+            )
+        return default
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise FusedFileError(f"'{name}': metadata '{key}' is not valid JSON; the file is damaged.") from None
+    if not isinstance(value, kind):
+        raise FusedFileError(f"'{name}': metadata '{key}' must be a JSON {kind.__name__}, found {type(value).__name__}.")
+    return value
+
+
+def _checked(build):
+    """Run ``build``; an ED-LoRA-level problem (bad word, embedding or clash) becomes a fused-file error."""
+    try:
+        return build()
+    except EDLoRAError as exc:
+        raise FusedFileError(str(exc)) from None
+
+
+def _concept_set(meta: list, embeddings: dict[str, torch.Tensor], name: str) -> ConceptSet:
     concepts = ConceptSet()
     assigned = set()
-    for entry in meta:
-        words = [w for w in entry["words"] if w in embeddings]
-        assigned.update(words)
-        edlora = EDLoRA({w: embeddings[w] for w in words}, {}, {}, name=entry.get("source", name))
-        concepts = concepts.add(
-            ConceptEntry(edlora, float(entry.get("unet_strength", 1.0)), float(entry.get("text_encoder_strength", 1.0)))
-        )
-    rest = [w for w in embeddings if w not in assigned]
-    for stem_words in _group_by_stem(rest):
-        concepts = concepts.add(ConceptEntry(EDLoRA({w: embeddings[w] for w in stem_words}, {}, {}, name=name)))
+    try:
+        for entry in meta:
+            if not isinstance(entry, dict) or not isinstance(entry.get("words"), list):
+                raise FusedFileError(f"'{name}': metadata 'concepts' holds {entry!r}, not a concept with its words.")
+            words = [w for w in entry["words"] if w in embeddings]
+            assigned.update(words)
+            edlora = EDLoRA({w: embeddings[w] for w in words}, {}, {}, name=str(entry.get("source", name)))
+            try:
+                strengths = float(entry.get("unet_strength", 1.0)), float(entry.get("text_encoder_strength", 1.0))
+            except (TypeError, ValueError):
+                raise FusedFileError(f"'{name}': metadata 'concepts' has a non-numeric strength for {words}.") from None
+            concepts = concepts.add(ConceptEntry(edlora, *strengths))
+        for stem_words in _group_by_stem([w for w in embeddings if w not in assigned]):
+            concepts = concepts.add(ConceptEntry(EDLoRA({w: embeddings[w] for w in stem_words}, {}, {}, name=name)))
+    except EDLoRAError as exc:
+        raise FusedFileError(str(exc)) from None
     return concepts
 
 
@@ -172,6 +220,8 @@ def _full_to_diff(full: dict[str, torch.Tensor], base_weights_fn, name: str) -> 
     base = base_weights_fn(sorted(full))
     out = {}
     for key, value in full.items():
+        if not torch.is_tensor(value) or not value.is_floating_point() or not torch.isfinite(value).all():
+            raise FusedFileError(f"'{name}': weight '{key}' is not finite floating-point data; the file is damaged.")
         if tuple(value.shape) != tuple(base[key].shape):
             raise FusedFileError(
                 f"'{name}': weight '{key}' has shape {list(value.shape)} but the connected model's is "
@@ -198,7 +248,10 @@ def _load_research_combined(path: str, base_weights_fn) -> FusedModel:
         raise FusedFileError(
             f"'{name}' is not a Mix-of-Show combined model (expected params with unet, text_encoder and new_concept_embedding)."
         )
-    embeddings = {w: t.float() for w, t in state["new_concept_embedding"].items()}
+    raw = state["new_concept_embedding"]
+    if not isinstance(raw, dict):
+        raise FusedFileError(f"'{name}': 'new_concept_embedding' must map concept words to tensors.")
+    embeddings = _checked(lambda: validate_embeddings(raw, name))
     return _from_full_weights(
         state.get("unet", {}),
         state.get("text_encoder", {}),
@@ -211,8 +264,13 @@ def _load_research_combined(path: str, base_weights_fn) -> FusedModel:
 
 def _load_diffusers_folder(folder: str, base_weights_fn) -> FusedModel:
     name = os.path.basename(folder.rstrip(os.sep)) or folder
-    with open(os.path.join(folder, "new_concept_cfg.json")) as f:
-        config = json.load(f)
+    try:
+        with open(os.path.join(folder, "new_concept_cfg.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FusedFileError(f"'{name}/new_concept_cfg.json' is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise FusedFileError(f"'{name}/new_concept_cfg.json' must map concept words to their token ids.")
 
     def read(sub: str, stems: tuple[str, ...]):
         for stem in stems:
@@ -236,12 +294,15 @@ def _load_diffusers_folder(folder: str, base_weights_fn) -> FusedModel:
         raise FusedFileError(f"'{name}': text_encoder has no token embedding table.")
     embeddings = {}
     for word, entry in config.items():
-        ids = entry.get("concept_token_ids", [])
+        ids = entry.get("concept_token_ids", []) if isinstance(entry, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise FusedFileError(f"'{name}/new_concept_cfg.json': {word!r} needs a list of token ids in 'concept_token_ids'.")
         if not ids or max(ids) >= table.shape[0]:
             raise FusedFileError(
                 f"'{name}': new_concept_cfg.json lists token ids for {word} that the text encoder does not have."
             )
         embeddings[word] = table[ids].float()
+    embeddings = _checked(lambda: validate_embeddings(embeddings, name))
     unet = {k: v for k, v in unet.items() if _ATTENTION_WEIGHT.search(k)}
     text = {k: v for k, v in text.items() if _ATTENTION_WEIGHT.search(k)}
     return _from_full_weights(unet, text, embeddings, base_weights_fn, name, "imported Mix-of-Show fused diffusers model")
@@ -275,3 +336,17 @@ def _from_full_weights(unet: dict, text: dict, embeddings: dict, base_weights_fn
         concepts=concepts,
         settings={"imported_from": name},
     )
+
+
+def check_fits(fused: FusedModel, model, clip, name: str) -> None:
+    """Refuse a fused model whose weights or concept embeddings do not fit the connected MODEL/CLIP, by name."""
+    for table, diffs in ((model.model.state_dict(), fused.unet_diffs), (clip.cond_stage_model.state_dict(), fused.text_diffs)):
+        for key, diff in diffs.items():
+            if key not in table or tuple(table[key].shape) != tuple(diff.shape):
+                have = list(table[key].shape) if key in table else "no such weight"
+                raise FusedFileError(
+                    f"'{name}': fused weight '{key}' {list(diff.shape)} does not fit the connected model ({have}); "
+                    "it was fused for a different architecture."
+                )
+    for entry in fused.concepts.entries:
+        _checked(lambda entry=entry: check_embeddings_fit(entry.edlora, model, clip))

@@ -12,6 +12,7 @@ import re
 
 import torch
 
+from .results import FusionError
 from .stats import GramGroup
 
 _SHARED_INPUT = [
@@ -38,8 +39,8 @@ def _call_order(key: str) -> tuple:
     return (key, 0)
 
 
-class FusionCaptureError(RuntimeError):
-    pass
+class FusionCaptureError(FusionError):
+    """Another patch changed a layer's input under fusion's hooks; fusing such statistics would be wrong."""
 
 
 class GramCapture:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..edlora.concepts import ConceptSet
+from ..edlora.errors import MixOfShowError
 from ..edlora.routing import install_layer_routing
 from .stats import FusionStats
 
@@ -19,7 +20,7 @@ from .stats import FusionStats
 STAGES = ("text_encoder", "cross_attention_kv", "unet_spatial")
 
 
-class FusionError(ValueError):
+class FusionError(MixOfShowError):
     """A fusion that cannot run with these inputs; the message names the input at fault."""
 
 

@@ -23,10 +23,11 @@ import comfy.sample
 import comfy.utils
 import torch
 
-from ..edlora.apply import edlora_patches, module_keys
+from ..edlora.apply import edlora_patches, fit_to_model
 from ..edlora.arch import cross_attention_sites, layer_of_site, text_encoder_names
 from ..edlora.concepts import ConceptEntry, ConceptSet
 from ..edlora.encode import encode_layer_stack, encode_prompt, layerwise_tokens
+from ..edlora.errors import derived_seed
 from ..edlora.keys import is_cross_attention_kv
 from ..edlora.routing import install_layer_routing
 from .capture import GramCapture, input_group
@@ -72,7 +73,7 @@ def concept_loras(concepts: ConceptSet, model, clip) -> list[ConceptLoRA]:
         raise FusionError("CONCEPTS is empty: connect MoS ED-LoRA Stack (or Loader) nodes with at least one ED-LoRA.")
     out = []
     for entry in concepts.entries:
-        unet_keys, text_keys = module_keys(entry.edlora, model, clip)
+        unet_keys, text_keys = fit_to_model(entry.edlora, model, clip)
         out.append(ConceptLoRA(entry.edlora.concept_name, entry, unet_keys, text_keys))
     return out
 
@@ -300,7 +301,7 @@ def spatial_stage(run: FusionRun, clip_fused, kv_diffs: dict[str, torch.Tensor])
         install_layer_routing(model_i)
         positive = encode_prompt(clip_fused, run.concepts, f"photo of a {concept.name}")
         latent = torch.zeros(1, 4, latent_side, latent_side)
-        seed = settings.seed + index
+        seed = derived_seed(settings.seed, index)
         noise = comfy.sample.prepare_noise(latent, seed)
         steps_done = [0]
 

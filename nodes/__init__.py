@@ -7,6 +7,7 @@ import os
 from comfy_api.latest import ComfyExtension, io
 
 from . import edlora, fusion, regional, train
+from .inputs import boolean_normaliser
 
 EDLORA_EXTENSIONS = {".pth", ".pt", ".bin", ".safetensors", ".sft"}
 
@@ -29,4 +30,21 @@ def register_model_folders() -> None:
 
 class MixOfShowExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*edlora.NODES, *fusion.NODES, *regional.NODES, *train.NODES]
+        return all_nodes()
+
+
+def all_nodes() -> list[type[io.ComfyNode]]:
+    return [*edlora.NODES, *fusion.NODES, *regional.NODES, *train.NODES]
+
+
+def register_prompt_checks() -> None:
+    """Parse the BOOLEAN inputs of this pack's nodes in every submitted prompt before ComfyUI turns them into
+    bools with ``bool()`` (which reads the string "false" as True); see :mod:`.inputs`. No server, nothing to do."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and not getattr(server, "_mixofshow_prompt_checks", False):
+        server.add_on_prompt_handler(boolean_normaliser(all_nodes()))
+        server._mixofshow_prompt_checks = True

@@ -8,12 +8,14 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..edlora.apply import load_edlora_into
+from ..edlora.apply import check_concepts_fit, load_edlora_into
 from ..edlora.concepts import ConceptSet
 from ..edlora.encode import encode_prompt
 from ..edlora.files import write_safetensors
 from ..edlora.format import EDLoRAError, load_edlora, save_edlora, to_kohya_state_dict
+from ..edlora.prompt import MAX_CONCEPT_WORDS
 from .files import file_fingerprint, model_path, output_path
+from .inputs import MoSNode
 from .types import Concepts
 
 log = logging.getLogger("mixofshow")
@@ -24,7 +26,9 @@ def edlora_path(name) -> str:
     return model_path("edloras", name, "ED-LoRA", EDLoRAError)
 
 
-class EDLoRALoader(io.ComfyNode):
+class EDLoRALoader(MoSNode):
+    FILE_INPUTS = {"edlora_name": "edloras"}
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -90,7 +94,7 @@ class EDLoRALoader(io.ComfyNode):
         return io.NodeOutput(new_model, new_clip, new_concepts)
 
 
-class TextEncode(io.ComfyNode):
+class TextEncode(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -109,7 +113,8 @@ class TextEncode(io.ComfyNode):
                     "text",
                     multiline=True,
                     dynamic_prompts=True,
-                    tooltip="The prompt; concept words are written in angle brackets, like <potter1>.",
+                    tooltip="The prompt; concept words are written in angle brackets, like <potter1>. One prompt may name up "
+                    f"to {MAX_CONCEPT_WORDS} distinct concept words.",
                 ),
                 Concepts.Input("concepts", optional=True, tooltip="CONCEPTS from MoS ED-LoRA Loader."),
             ],
@@ -120,6 +125,7 @@ class TextEncode(io.ComfyNode):
     def execute(cls, clip, text, concepts=None) -> io.NodeOutput:
         if clip is None:
             raise EDLoRAError("MoS Text Encode: the clip input is empty; connect the CLIP output of a loader.")
+        check_concepts_fit(concepts, None, clip)
         return io.NodeOutput(encode_prompt(clip, concepts or ConceptSet(), text))
 
 
@@ -145,7 +151,9 @@ def convert_edlora_file(source: str, target: str, destination: str) -> str:
     return save_edlora(edlora, destination, spelling=spelling)
 
 
-class ConvertEDLoRA(io.ComfyNode):
+class ConvertEDLoRA(MoSNode):
+    FILE_INPUTS = {"edlora_name": "edloras"}
+
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -9,7 +9,7 @@ import unicodedata
 
 import folder_paths
 
-from ..edlora.files import ModelFileError
+from ..edlora.errors import ModelFileError
 
 #: Longest output name (without extension) in bytes: file systems allow 255, the extension and a temporary
 #: prefix need the rest.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import folder_paths
@@ -9,13 +10,14 @@ from comfy_api.latest import io, ui
 
 from ..edlora.concepts import ConceptEntry, ConceptSet
 from ..edlora.format import load_edlora
-from ..fusion.bundle import FusedFileError, load_fused, save_fused
+from ..fusion.bundle import FusedFileError, check_fits, load_fused, save_fused
 from ..fusion.procedure import gradient_fusion, weight_fusion
 from ..fusion.results import FusionError, FusionSettings, fingerprint
 from ..fusion.solvers import SOLVERS
 from ..fusion.weights import BaseWeights
 from .edlora import edlora_path
 from .files import file_fingerprint, file_sha256, model_path, output_path
+from .inputs import MoSNode
 from .types import Concepts, Fused
 
 FUSED_FOLDER = "mixofshow_fused"
@@ -43,7 +45,9 @@ FUSION_OUTPUTS = [
 ]
 
 
-class EDLoRAStack(io.ComfyNode):
+class EDLoRAStack(MoSNode):
+    FILE_INPUTS = {"edlora_name": "edloras"}
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -89,7 +93,7 @@ class EDLoRAStack(io.ComfyNode):
         return io.NodeOutput((concepts or ConceptSet()).add(ConceptEntry(edlora, unet_strength, text_encoder_strength)))
 
 
-class GradientFusion(io.ComfyNode):
+class GradientFusion(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -163,6 +167,12 @@ class GradientFusion(io.ComfyNode):
                     tooltip="padded: fit text-encoder and K/V layers on every position of the padded prompt, as ComfyUI "
                     "encodes it (lower identity drift). original: only real tokens / concept tokens, as the research code.",
                 ),
+                io.Boolean.Input(
+                    "measure_drift",
+                    default=True,
+                    tooltip="Measure each concept's identity drift for the report (a few UNet calls per concept at 512x512). "
+                    "Added after the first release: older workflows get the default.",
+                ),
                 Fused.Input(
                     "previous",
                     optional=True,
@@ -186,6 +196,7 @@ class GradientFusion(io.ComfyNode):
         solver,
         device,
         token_positions,
+        measure_drift=True,
         previous=None,
     ) -> io.NodeOutput:
         settings = FusionSettings(
@@ -198,11 +209,11 @@ class GradientFusion(io.ComfyNode):
             device=device,
             token_positions=token_positions,
         )
-        fused = gradient_fusion(model, clip, concepts, settings, previous=previous)
+        fused = gradient_fusion(model, clip, concepts, settings, previous=previous, measure_drift=measure_drift)
         return _outputs(model, clip, fused)
 
 
-class WeightFusion(io.ComfyNode):
+class WeightFusion(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -232,12 +243,14 @@ class WeightFusion(io.ComfyNode):
             try:
                 values = [float(v) for v in weights.split(",")]
             except ValueError:
-                raise FusionError(f"MoS Weight Fusion: weights {weights!r} must be comma-separated numbers.") from None
+                values = None
+            if values is None or not all(math.isfinite(v) for v in values):
+                raise FusionError(f"MoS Weight Fusion: weights {weights!r} must be comma-separated finite numbers.")
         fused = weight_fusion(model, clip, concepts, values, measure_drift=measure_drift)
         return _outputs(model, clip, fused)
 
 
-class SaveFused(io.ComfyNode):
+class SaveFused(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -290,7 +303,9 @@ class SaveFused(io.ComfyNode):
         return io.NodeOutput(path, ui=ui.PreviewText(f"Saved {path}\n{fused.report()}"))
 
 
-class LoadFused(io.ComfyNode):
+class LoadFused(MoSNode):
+    FILE_INPUTS = {"fused_name": FUSED_FOLDER}
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -323,20 +338,9 @@ class LoadFused(io.ComfyNode):
     def execute(cls, model, clip, fused_name) -> io.NodeOutput:
         path = model_path(FUSED_FOLDER, fused_name, "Fused model", FusedFileError)
         fused = load_fused(path, BaseWeights(model, clip))
-        _check_shapes(fused, model, clip, fused_name)
+        check_fits(fused, model, clip, fused_name)
         fused_model, fused_clip = fused.apply(model, clip)
         return io.NodeOutput(fused_model, fused_clip, fused.concepts, fused)
-
-
-def _check_shapes(fused, model, clip, name):
-    unet = model.model.state_dict()
-    text = clip.cond_stage_model.state_dict()
-    for table, diffs in ((unet, fused.unet_diffs), (text, fused.text_diffs)):
-        for key, diff in diffs.items():
-            if key not in table or tuple(table[key].shape) != tuple(diff.shape):
-                raise FusedFileError(
-                    f"'{name}': fused weight '{key}' does not fit the connected model; it was fused for a different architecture."
-                )
 
 
 NODES = [EDLoRAStack, GradientFusion, WeightFusion, SaveFused, LoadFused]

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.patcher_extension
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..regional.conditioning import regional_conditioning
 from ..regional.control import RegionalControlStrength, parse_region_weights
 from ..regional.layout import METHODS, layout_map
 from ..regional.spec import Box, Region, parse_original_syntax
+from .inputs import MoSNode
 from .types import Concepts, Regions
 
+log = logging.getLogger("mixofshow")
 
-class RegionNode(io.ComfyNode):
+
+class RegionNode(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -74,7 +78,7 @@ class RegionNode(io.ComfyNode):
         return io.NodeOutput(previous + (region,))
 
 
-class RegionsFromText(io.ComfyNode):
+class RegionsFromText(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -97,10 +101,15 @@ class RegionsFromText(io.ComfyNode):
 
     @classmethod
     def execute(cls, text, width, height, regions=None) -> io.NodeOutput:
-        return io.NodeOutput(tuple(regions or ()) + tuple(parse_original_syntax(text, width, height)))
+        notes: list[str] = []
+        parsed = parse_original_syntax(text, width, height, notes)
+        for note in notes:
+            log.warning("MoS Regions From Text: %s", note)
+        summary = "\n".join([f"{len(parsed)} regions", *notes])
+        return io.NodeOutput(tuple(regions or ()) + tuple(parsed), ui=ui.PreviewText(summary))
 
 
-class RegionalConditioning(io.ComfyNode):
+class RegionalConditioning(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -136,7 +145,7 @@ class RegionalConditioning(io.ComfyNode):
         return io.NodeOutput(*regional_conditioning(model, clip, prompt, negative, tuple(regions or ()), concepts))
 
 
-class LayoutImage(io.ComfyNode):
+class LayoutImage(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -169,7 +178,7 @@ class LayoutImage(io.ComfyNode):
         return io.NodeOutput(layout_map(image, method, low_threshold, high_threshold, directory))
 
 
-class RegionalControlStrengthNode(io.ComfyNode):
+class RegionalControlStrengthNode(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -205,7 +214,10 @@ class RegionalControlStrengthNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, region_weights, width, height, base_strength) -> io.NodeOutput:
-        boxes = parse_region_weights(region_weights, width, height)
+        notes: list[str] = []
+        boxes = parse_region_weights(region_weights, width, height, notes)
+        for note in notes:
+            log.warning("MoS Regional Adapter Strength: %s", note)
         new_model = model.clone()
         if boxes:
             new_model.add_wrapper_with_key(
@@ -213,7 +225,7 @@ class RegionalControlStrengthNode(io.ComfyNode):
                 "mixofshow_regional_control",
                 RegionalControlStrength(boxes, base_strength),
             )
-        return io.NodeOutput(new_model)
+        return io.NodeOutput(new_model, ui=ui.PreviewText("\n".join([f"{len(boxes)} boxes", *notes])))
 
 
 NODES = [RegionNode, RegionsFromText, RegionalConditioning, LayoutImage, RegionalControlStrengthNode]

@@ -14,9 +14,17 @@ from comfy_api.latest import io, ui
 
 from ..edlora.apply import load_edlora_into
 from ..edlora.format import EDLoRAError, save_edlora
-from ..training.data import DEFAULT_TEMPLATE, expand_captions, parse_concept_words, prepare_images, read_image_folder
+from ..training.data import (
+    DEFAULT_TEMPLATE,
+    expand_captions,
+    parse_concept_words,
+    prepare_images,
+    read_image_folder,
+    training_files,
+)
 from ..training.loop import TrainingData, TrainSettings, encode_training_latents, train_edlora
 from .files import output_path
+from .inputs import MoSNode
 from .types import Concepts
 
 log = logging.getLogger("mixofshow")
@@ -26,15 +34,27 @@ SAMPLING_STRENGTH = 0.7
 DEFAULTS = TrainSettings()
 
 
-def training_folder(folder: str) -> str:
-    """``folder`` as given when absolute, otherwise inside ComfyUI's input directory."""
-    folder = folder.strip()
-    if not folder:
+def training_folder(folder) -> str:
+    """``folder`` inside ComfyUI's input directory, where core Load Image reads too.
+
+    Relative folders are taken inside it and may not climb out of it (``..``); an absolute folder is accepted only
+    when it lies inside it. A ComfyUI served to other people must not let a prompt read the host's files into a
+    model. The check is on the path as written, so a link the machine's owner put into the input directory (to a
+    dataset elsewhere) is followed.
+    """
+    if not isinstance(folder, str) or not folder.strip():
         raise EDLoRAError("MoS Load Training Images: folder is empty; name a folder inside ComfyUI's input directory.")
-    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+    root = os.path.abspath(folder_paths.get_input_directory())
+    path = os.path.normpath(os.path.join(root, folder.strip()))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise EDLoRAError(
+            f"MoS Load Training Images: folder {folder!r} is outside ComfyUI's input directory ({root}); put the "
+            "training images in a folder inside it (or link one there)."
+        )
+    return path
 
 
-class LoadTrainingImages(io.ComfyNode):
+class LoadTrainingImages(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -51,7 +71,8 @@ class LoadTrainingImages(io.ComfyNode):
                 io.String.Input(
                     "folder",
                     default="mixofshow_concept",
-                    tooltip="Folder inside ComfyUI's input directory (or an absolute path).",
+                    tooltip="Folder inside ComfyUI's input directory (relative, or an absolute path inside it). Folders "
+                    "outside it are refused, as core Load Image does; link a dataset into input/ to use it.",
                 ),
                 io.Int.Input(
                     "resolution", default=512, min=64, max=2048, step=64, tooltip="Side of the square crops (512 for SD1.x)."
@@ -68,12 +89,16 @@ class LoadTrainingImages(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder, resolution):
-        path = training_folder(folder)
+        """Size and time of exactly the files the node reads (two directory listings, no walk of the tree)."""
+        try:
+            files = training_files(training_folder(folder))
+        except EDLoRAError as exc:
+            return f"unusable: {exc}"  # execute reports it
         digest = hashlib.sha256(f"{resolution}".encode())
-        for root, _, files in sorted(os.walk(path)):
-            for name in sorted(files):
-                stat = os.stat(os.path.join(root, name))
-                digest.update(f"{os.path.relpath(os.path.join(root, name), path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        for path in (*files.images, *files.masks, *files.captions):
+            if path is not None:
+                stat = os.stat(path)
+                digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
 
     @classmethod
@@ -92,7 +117,7 @@ class LoadTrainingImages(io.ComfyNode):
         return io.NodeOutput(cropped, cropped_masks, "\n".join(captions))
 
 
-class TrainEDLoRA(io.ComfyNode):
+class TrainEDLoRA(MoSNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..edlora.apply import check_concepts_fit
 from ..edlora.concepts import ConceptSet
 from ..edlora.encode import encode_prompt
 from ..edlora.format import EDLoRAError
@@ -36,6 +37,7 @@ def regional_conditioning(
 ) -> tuple[object, list, list]:
     """``(model with region-aware cross-attention, global positive, global negative)``; inputs are not modified."""
     concepts = concepts or ConceptSet()
+    check_concepts_fit(concepts, model, clip)
     if not regions:
         raise RegionError("MoS Regional Conditioning: no regions; connect MoS Region or MoS Regions From Text.")
     for index, region in enumerate(regions):

@@ -11,20 +11,26 @@ import re
 
 import torch
 
-from .spec import Box, RegionError
+from .spec import NUMBER, PIXEL_BOX, Box, RegionError
+
+_WEIGHT_RE = re.compile(rf"{PIXEL_BOX}\s*-\s*({NUMBER})")
 
 
-def parse_region_weights(text: str, width: int, height: int) -> list[tuple[Box, float]]:
-    """``"[y1, x1, y2, x2]-w|..."`` (pixel boxes of a ``width x height`` image) -> ``[(box, w)]``."""
+def parse_region_weights(text: str, width: int, height: int, notes: list[str] | None = None) -> list[tuple[Box, float]]:
+    """``"[y1, x1, y2, x2]-w|..."`` (pixel boxes of a ``width x height`` image) -> ``[(box, w)]``.
+
+    Boxes reaching outside the image are clipped to it; a note for each goes to ``notes`` when given."""
     out = []
     for index, part in enumerate(p.strip() for p in text.split("|") if p.strip()):
-        match = re.fullmatch(r"\[\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*\]\s*-\s*([\d.]+)", part)
+        match = _WEIGHT_RE.fullmatch(part)
         if match is None:
-            raise RegionError(f"adapter weight {index + 1} ({part!r}): expected '[y1, x1, y2, x2]-weight'.")
+            raise RegionError(f"adapter weight {index + 1} ({part!r}): expected '[y1, x1, y2, x2]-weight' with plain numbers.")
         y1, x1, y2, x2, weight = (float(v) for v in match.groups())
-        box = Box.from_pixels(y1, x1, y2, x2, width, height)
-        if not box.is_valid():
-            raise RegionError(f"adapter weight {index + 1} ({part!r}): the box is empty.")
+        box, note = Box.from_pixels(y1, x1, y2, x2, width, height, f"adapter weight {index + 1} ({part!r})")
+        if note and notes is not None:
+            notes.append(note)
+        if weight < 0:
+            raise RegionError(f"adapter weight {index + 1} ({part!r}): the weight must not be negative.")
         out.append((box, weight))
     return out
 

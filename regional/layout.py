@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+from ..edlora.files import read_torch
 from .spec import RegionError
 
 METHODS = ("sketch", "canny", "lineart_standard", "openpose")
@@ -42,6 +43,17 @@ def _from_numpy(array, height: int, width: int) -> torch.Tensor:
     return out[0].permute(1, 2, 0).clamp(0, 1).contiguous()
 
 
+def _controlnet_aux(method: str):
+    try:
+        import controlnet_aux
+    except ImportError:
+        raise RegionError(
+            f"layout method {method!r} needs the controlnet_aux package, which is not installed in ComfyUI's Python: "
+            "pip install -r custom_nodes/<this pack>/requirements.txt (or pip install controlnet_aux); 'sketch' works without it."
+        ) from None
+    return controlnet_aux
+
+
 def layout_map(
     images: torch.Tensor, method: str, low_threshold: int = 100, high_threshold: int = 200, annotator_dir: str = ""
 ) -> torch.Tensor:
@@ -52,15 +64,12 @@ def layout_map(
         return sketch_map(images)
     height, width = images.shape[1], images.shape[2]
     resolution = min(height, width)
+    aux = _controlnet_aux(method)
     if method == "canny":
-        from controlnet_aux import CannyDetector
-
-        detector = CannyDetector()
+        detector = aux.CannyDetector()
         options = {"low_threshold": low_threshold, "high_threshold": high_threshold, "image_resolution": resolution}
     elif method == "lineart_standard":
-        from controlnet_aux import LineartStandardDetector
-
-        detector = LineartStandardDetector()
+        detector = aux.LineartStandardDetector()
         options = {}
     else:
         missing = (
@@ -74,9 +83,11 @@ def layout_map(
                 f"(annotator_dir={annotator_dir!r} lacks {', '.join(missing)}); nothing is downloaded. "
                 "Use sketch/canny/lineart_standard, or feed a ready pose image to the adapter directly."
             )
-        from controlnet_aux import OpenposeDetector
-
-        detector = OpenposeDetector.from_pretrained(annotator_dir)
+        for name in OPENPOSE_FILES:
+            # the library loads these with a plain torch.load; a weights-only read first refuses pickled code
+            # whatever torch's default is, so the library's own load can only rebuild tensors
+            read_torch(os.path.join(annotator_dir, name), name)
+        detector = aux.OpenposeDetector.from_pretrained(annotator_dir)
         options = {"image_resolution": resolution}
     options.update(detect_resolution=resolution, output_type="np")
     return torch.stack([_from_numpy(detector(_to_uint8(image), **options), height, width) for image in images])

@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import comfy.patcher_extension
 import torch
 
 from ..edlora.arch import cross_attention_sites, layer_of_site
 from .attention import multihead_attention
-from .spec import Region, region_weights
+from .spec import Region, check_masks_fit, region_weights
 
 
 @dataclass
@@ -107,6 +108,14 @@ class RegionalCrossAttention:
         out[:, covered] = out[:, covered] * (global_weight / total)[None, :, None] + region_out * (c / total)[None, :, None]
         return out
 
+    def check_before_sampling(self, executor, noise, latent_image, *args, **kwargs):
+        """OUTER_SAMPLE wrapper: masks that do not fit the image are refused before the first step."""
+        check_masks_fit([r.region for r in self.regions], int(noise.shape[-2]), int(noise.shape[-1]))
+        return executor(noise, latent_image, *args, **kwargs)
+
     def install(self, model_patcher) -> None:
         model_patcher.set_model_attn2_patch(self.remember_query)
         model_patcher.set_model_attn2_output_patch(self)
+        model_patcher.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "mixofshow_regions", self.check_before_sampling
+        )

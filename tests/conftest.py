@@ -16,9 +16,14 @@ bootstrap.setup_comfy()
 bootstrap.load_pack()
 sys.modules.setdefault("_mos_bootstrap", bootstrap)
 
+import folder_paths  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the pack's model folders exist (empty) in-process too, as after ComfyUI loaded the pack; tests point them at
+# temporary folders (see edloras_dir)
+for _folder in ("edloras", "mixofshow_fused"):
+    folder_paths.folder_names_and_paths.setdefault(_folder, ([], {".pth", ".safetensors", ".sft"}))
 
 
 LAYERS = ("unit", "graph", "server", "browser")
@@ -75,14 +80,22 @@ def edloras_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def server_files(tmp_path_factory):
+def small_model():
+    """The small SD1.x-architecture ``(MODEL, CLIP, VAE)`` the server's checkpoint holds (random weights)."""
+    from mixofshow.devkit import models
+
+    return models.small_sd1(seed=0)
+
+
+@pytest.fixture(scope="session")
+def server_files(tmp_path_factory, small_model):
     """A base directory holding a small SD1.x checkpoint and two ED-LoRAs (original .pth and this pack's safetensors)."""
     from mixofshow.devkit import models
     from mixofshow.devkit.server import TEST_CHECKPOINT, prepare_base_dir
     from mixofshow.edlora.format import save_edlora
 
     base = prepare_base_dir(str(tmp_path_factory.mktemp("comfy-base")))
-    model, clip, vae = models.small_sd1(seed=0)
+    model, clip, vae = small_model
     save_edlora(
         models.make_edlora(model, clip, words=("<potter1>", "<potter2>"), seed=1, name="edlora_potter.pth"),
         os.path.join(base, "models", "edloras", "edlora_potter.pth"),

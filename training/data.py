@@ -9,6 +9,7 @@ mention ``<TOK>`` gets the template in front of it so the concept is always in t
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,50 +105,83 @@ def expand_captions(captions: str, count: int, concept: str, template: str = DEF
     return out
 
 
-def read_image_folder(folder: str) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor] | None, list[str]]:
-    """Images, masks and captions from ``folder`` (sorted by file name).
+@dataclass(frozen=True)
+class TrainingFiles:
+    """The files a training folder contributes, per image (sorted by name): the image, its mask and caption paths
+    (None where there is none)."""
 
-    Two layouts are read: the original Mix-of-Show dataset (``image/``, ``mask/``, ``caption/`` subfolders) and a
-    flat folder (images with ``<name>.txt`` captions beside them and masks in ``mask/``). Masks are ``<name>.png``;
-    captions are the first line of ``<name>.txt`` (an empty string when there is none). Masks must exist for all
-    images or for none.
+    image_dir: str
+    mask_dir: str
+    names: tuple[str, ...]
+    images: tuple[str, ...]
+    masks: tuple[str | None, ...]
+    captions: tuple[str | None, ...]
+
+
+def training_files(folder: str) -> TrainingFiles:
+    """Which files :func:`read_image_folder` reads from ``folder`` (two directory listings, no reading).
+
+    Two layouts: the original Mix-of-Show dataset (``image/``, ``mask/``, ``caption/`` subfolders) and a flat folder
+    (images with ``<name>.txt`` captions beside them and masks in ``mask/``). Masks are ``<name>.png``.
     """
-    from PIL import Image, ImageOps
-
     if not os.path.isdir(folder):
         raise EDLoRAError(f"Training image folder '{folder}' does not exist.")
     image_dir = os.path.join(folder, "image") if os.path.isdir(os.path.join(folder, "image")) else folder
     caption_dir = os.path.join(folder, "caption") if os.path.isdir(os.path.join(folder, "caption")) else image_dir
     mask_dir = os.path.join(folder, "mask")
-    names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+    names = tuple(sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS)))
     if not names:
         raise EDLoRAError(f"Training image folder '{image_dir}' has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+
+    def existing(directory: str, stem: str, extension: str) -> str | None:
+        path = os.path.join(directory, stem + extension)
+        return path if os.path.isfile(path) else None
+
+    stems = [os.path.splitext(n)[0] for n in names]
+    return TrainingFiles(
+        image_dir,
+        mask_dir,
+        names,
+        tuple(os.path.join(image_dir, n) for n in names),
+        tuple(existing(mask_dir, stem, ".png") for stem in stems),
+        tuple(existing(caption_dir, stem, ".txt") for stem in stems),
+    )
+
+
+def read_image_folder(folder: str) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor] | None, list[str]]:
+    """Images, masks and captions from ``folder`` (see :func:`training_files` for the layouts).
+
+    Captions are the first line of ``<name>.txt`` (an empty string when there is none). Masks must exist for all
+    images or for none.
+    """
+    from PIL import Image, ImageOps
+
+    files = training_files(folder)
     images, masks, captions, missing_masks = [], [], [], []
-    for name in names:
-        stem = os.path.splitext(name)[0]
-        path = os.path.join(image_dir, name)
+    for name, path, mask_path, caption_path in zip(files.names, files.images, files.masks, files.captions, strict=True):
         try:
             with Image.open(path) as img:
                 rgb = ImageOps.exif_transpose(img).convert("RGB")
         except OSError as exc:
             raise EDLoRAError(f"Training image '{path}' cannot be read: {exc}") from None
         images.append(torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3) / 255.0)
-        mask_path = os.path.join(mask_dir, stem + ".png")
-        if os.path.isfile(mask_path):
-            with Image.open(mask_path) as m:
-                gray = ImageOps.exif_transpose(m).convert("L")
+        if mask_path is not None:
+            try:
+                with Image.open(mask_path) as m:
+                    gray = ImageOps.exif_transpose(m).convert("L")
+            except OSError as exc:
+                raise EDLoRAError(f"Training mask '{mask_path}' cannot be read: {exc}") from None
             masks.append(torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).reshape(gray.height, gray.width) / 255.0)
         else:
             missing_masks.append(name)
-        caption_path = os.path.join(caption_dir, stem + ".txt")
         caption = ""
-        if os.path.isfile(caption_path):
-            with open(caption_path, encoding="utf-8") as f:
+        if caption_path is not None:
+            with open(caption_path, encoding="utf-8", errors="replace") as f:
                 caption = f.readline().strip()
         captions.append(caption)
     if masks and missing_masks:
         raise EDLoRAError(
-            f"'{mask_dir}' has masks for {len(masks)} of {len(names)} images (missing: {', '.join(missing_masks[:5])}); "
+            f"'{files.mask_dir}' has masks for {len(masks)} of {len(files.names)} images (missing: {', '.join(missing_masks[:5])}); "
             "give every image a mask or remove the folder."
         )
-    return names, images, (masks or None), captions
+    return list(files.names), images, (masks or None), captions

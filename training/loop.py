@@ -39,6 +39,7 @@ from ..edlora.apply import text_embedding_width, token_embedding
 from ..edlora.arch import cross_attention_sites, layer_count
 from ..edlora.concepts import ConceptEntry, ConceptSet
 from ..edlora.encode import LayerwiseTokens, layerwise_tokens, single_token
+from ..edlora.errors import derived_seed
 from ..edlora.format import EDLoRA, EDLoRAError, LoRAPair
 from ..edlora.prompt import layer_variants
 from ..edlora.routing import LAYER_CONTEXT_KEY, install_layer_routing
@@ -181,6 +182,18 @@ def check_trainable(model, clip, settings: TrainSettings) -> None:
     """Refuse settings and models a run cannot use, before any work is done."""
     if settings.steps < 1 or settings.batch_size < 1 or settings.rank < 1:
         raise EDLoRAError("steps, batch_size and rank must all be at least 1.")
+    for name in (
+        "lr_embedding",
+        "lr_text_encoder",
+        "lr_unet",
+        "weight_decay",
+        "noise_offset",
+        "embedding_norm_threshold",
+        "attention_reg_weight",
+    ):
+        value = getattr(settings, name)
+        if not math.isfinite(value) or value < 0:
+            raise EDLoRAError(f"MoS Train ED-LoRA: {name} must be a finite number of at least 0, got {value!r}.")
     if not settings.words:
         raise EDLoRAError("An ED-LoRA needs at least one concept word.")
     sampling = model.get_model_object("model_sampling")
@@ -317,7 +330,7 @@ def train_edlora(
         start = initial_edlora(model, clip, settings, name)
     else:
         check_trainable(model, clip, settings)
-    generator = torch.Generator().manual_seed(settings.seed + 1)
+    generator = torch.Generator().manual_seed(derived_seed(settings.seed, 1))
     result = TrainResult(edlora=start)
     with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
         run = _Session(model, clip, start, data, settings, stack)
@@ -347,6 +360,12 @@ def train_edlora(
                 noise = noise + settings.noise_offset * torch.randn(batch, noise.shape[1], 1, 1, generator=generator)
             mse, attention = run.losses(index, timesteps, noise)
             loss = mse + settings.attention_reg_weight * attention
+            if not bool(torch.isfinite(loss.detach())):
+                raise EDLoRAError(
+                    f"MoS Train ED-LoRA: training diverged at step {step + 1} of {settings.steps}: the loss is "
+                    f"{float(loss.detach())}. Nothing was saved; lower the learning rates (lr_embedding "
+                    f"{settings.lr_embedding:g}, lr_text_encoder {settings.lr_text_encoder:g}, lr_unet {settings.lr_unet:g})."
+                )
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -383,4 +402,9 @@ def evaluate_losses(
 def encode_training_latents(vae, model, images: torch.Tensor) -> torch.Tensor:
     """``[N, H, W, 3]`` images -> model-space latents (VAE encode, then the model's latent scaling)."""
     latents = vae.encode(images[..., :3])
+    if not bool(torch.isfinite(latents).all()):
+        raise EDLoRAError(
+            "MoS Train ED-LoRA: the VAE turned the training images into non-finite latents (NaN or infinity); the VAE "
+            "is damaged or does not belong to this model. Nothing was trained."
+        )
     return model.get_model_object("process_latent_in")(latents)

@@ -346,3 +346,39 @@ def test_long_prompts_and_single_vector_embeddings(tiny, edloras_dir, comfy_node
     assert not torch.allclose(stack[0, 0], stack[0, 15]) and torch.isfinite(stack).all()
     out = sample(comfy_nodes, m, encode(c, prompt, concepts), encode(c, NEGATIVE), steps=2)
     assert torch.isfinite(out).all()
+
+
+def test_one_prompt_names_up_to_the_stated_number_of_concept_words(tiny, comfy_nodes):
+    from mixofshow.edlora.concepts import ConceptEntry, ConceptSet
+    from mixofshow.edlora.format import EDLoRA
+    from mixofshow.edlora.prompt import MAX_CONCEPT_WORDS
+
+    _, clip, _ = tiny
+    words = [f"<many{i}>" for i in range(MAX_CONCEPT_WORDS + 1)]
+    vectors = torch.randn(len(words), 16, 64, generator=torch.Generator().manual_seed(3))
+    concepts = ConceptSet()
+    for word, vector in zip(words, vectors, strict=True):
+        concepts = concepts.add(ConceptEntry(EDLoRA({word: vector}, {}, {}, name=f"{word}.pth")))
+    at_limit = encode(clip, " ".join(words[:MAX_CONCEPT_WORDS]), concepts)
+    assert layer_stack_of(at_limit[0]).shape[1] == 16
+    with pytest.raises(
+        EDLoRAError,
+        match=rf"names {MAX_CONCEPT_WORDS + 1} distinct concept words, but one prompt can name at most {MAX_CONCEPT_WORDS}",
+    ):
+        encode(clip, " ".join(words), concepts)
+
+
+def test_a_prompt_with_concepts_for_another_layer_count_stops_before_sampling(tiny, edloras_dir, comfy_nodes):
+    from mixofshow.nodes.fusion import EDLoRAStack
+
+    model, clip, _ = tiny
+    seven = make_edlora(model, clip, words=("<sev1>",), seed=9, layers=7, name="seven.pth")
+    save_edlora(seven, str(edloras_dir / "seven.pth"))
+    concepts = EDLoRAStack.execute(edlora_name="seven.pth", unet_strength=1.0, text_encoder_strength=1.0).args[0]
+    positive = encode(clip, "a <sev1>", concepts)  # a CLIP alone cannot know the model's layer count
+    routed = model.clone()
+    from mixofshow.edlora.routing import install_layer_routing
+
+    install_layer_routing(routed)
+    with pytest.raises(EDLoRAError, match="encoded with 7 layer-wise concept vectors per word, but this model has 16"):
+        sample(comfy_nodes, routed, positive, encode(clip, NEGATIVE), steps=1)

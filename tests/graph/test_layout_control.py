@@ -128,3 +128,23 @@ def test_openpose_runs_from_local_weights(tmp_path):
     torch.save(FaceNet().state_dict(), tmp_path / "facenet.pth")
     pose = layout(square_image(96, 128), "openpose", annotator_dir=str(tmp_path))
     assert pose.shape == (1, 96, 128, 3) and torch.isfinite(pose).all()
+
+
+def test_openpose_refuses_annotator_files_that_carry_code(tmp_path, monkeypatch):
+    """The library loads the annotator files with a plain torch.load; the pack reads them weights-only first."""
+    import pickle
+
+    from mixofshow.edlora.errors import ModelFileError
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    for name in ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(Evil(), f)
+    ran = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: ran.append(a))
+    with pytest.raises(ModelFileError, match=r"Refused to load 'body_pose_model.pth'.*run arbitrary code"):
+        layout(square_image(), "openpose", annotator_dir=str(tmp_path))
+    assert ran == [], "nothing from the file ran"

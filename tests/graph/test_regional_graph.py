@@ -170,7 +170,7 @@ def test_errors_name_the_region(concept_model, comfy_nodes):
     regional_model, positive, negative = RegionalConditioning.execute(
         model=model, clip=clip, prompt="x", negative="", regions=tall, concepts=concepts
     ).args
-    with pytest.raises(RegionError, match=r"region 1 \('a dog'\): the mask is 64x256 but the image's aspect ratio is"):
+    with pytest.raises(RegionError, match=r"region 1 \('a dog'\): the mask is 64x256 but the image is 128x128 \(latent 16x16\)"):
         sample(comfy_nodes, regional_model, positive, negative, steps=1)
     with pytest.raises(RegionError, match="box"):
         region("a box", box=(0.5, 0.0, 0.2, 1.0))

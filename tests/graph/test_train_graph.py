@@ -421,3 +421,58 @@ def test_full_sd15_architecture_targets(sd15):
     assert start.layers == 16 and start.width == 768
     assert sum(p.down.numel() + p.up.numel() for p in start.unet.values()) == 797_184
     assert sum(p.down.numel() + p.up.numel() for p in start.text_encoder.values()) == 294_912
+
+
+def test_a_diverging_run_stops_writes_nothing_and_restores_the_model(comfy_tiny, edloras_dir, monkeypatch):
+    from mixofshow.training import loop
+
+    model, clip, _ = comfy_tiny
+    unet_before, clip_before = snapshot(model.model), snapshot(clip.cond_stage_model)
+    images, _ = disc_images(2)
+    real = loop.masked_mse
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "masked_mse", diverging)
+    with pytest.raises(EDLoRAError, match=r"training diverged at step 3 of 5: the loss is (inf|nan)\. Nothing was saved"):
+        run_node(comfy_tiny, images, steps=5, save_pth=True)
+    assert os.listdir(edloras_dir) == []
+    assert_untouched(model.model, unet_before)
+    assert_untouched(clip.cond_stage_model, clip_before)
+
+
+def test_training_folders_stay_inside_the_input_directory(tmp_path, monkeypatch):
+    import folder_paths
+    from PIL import Image
+
+    from mixofshow.nodes.train import LoadTrainingImages, training_folder
+
+    root = tmp_path / "input"
+    (root / "concept" / "image").mkdir(parents=True)
+    (root / "concept" / "caption").mkdir()
+    outside = tmp_path / "elsewhere"
+    (outside / "deep" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(outside / "a.png")
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(root))
+    for name in ("p0", "p1"):
+        Image.new("RGB", (80, 64), "blue").save(root / "concept" / "image" / f"{name}.png")
+    assert training_folder("concept") == str(root / "concept")
+    assert training_folder(str(root / "concept")) == str(root / "concept"), "an absolute folder inside input/ is fine"
+    for folder in ("../elsewhere", str(outside), "concept/../../elsewhere", "/etc", "."):
+        with pytest.raises(EDLoRAError, match="outside ComfyUI's input directory"):
+            training_folder(folder)
+    os.symlink(outside, root / "linked")
+    assert training_folder("linked") == str(root / "linked"), "a link the owner put into input/ is followed"
+
+    first = LoadTrainingImages.fingerprint_inputs("concept", 512)
+    (root / "concept" / "notes").mkdir()
+    (root / "concept" / "notes" / "todo.txt").write_text("not read by the node")
+    assert LoadTrainingImages.fingerprint_inputs("concept", 512) == first, "files the node does not read change nothing"
+    (root / "concept" / "caption" / "p0.txt").write_text("<TOK> in blue")
+    assert LoadTrainingImages.fingerprint_inputs("concept", 512) != first, "a new caption is seen"
+    images, masks, captions = LoadTrainingImages.execute("concept", 64).args
+    assert images.shape == (2, 64, 64, 3) and captions.split("\n") == ["<TOK> in blue", ""]

@@ -125,14 +125,22 @@ def test_unknown_concept_word_fails_with_its_name(server):
 def test_missing_file_is_an_error_naming_it(server):
     prompt = single_concept_prompt()
     set_inputs(prompt, "MoSEDLoRALoader", edlora_name="not_there.pth")
-    with pytest.raises(ComfyServerError, match=r"ED-LoRA 'not_there.pth' is not in models/edloras"):
+    with pytest.raises(ComfyServerError, match=r"edlora_name: 'not_there.pth' is not a file in models/edloras"):
         server.run(prompt)
 
 
 def test_shipped_fusion_workflow_fuses_saves_and_samples(server):
     prompt = load_workflow("gradient_fusion_three_concepts")
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
-    set_inputs(prompt, "MoSGradientFusion", text_encoder_iters=5, unet_iters=3, sample_steps=2, sample_resolution=128)
+    set_inputs(
+        prompt,
+        "MoSGradientFusion",
+        text_encoder_iters=5,
+        unet_iters=3,
+        sample_steps=2,
+        sample_resolution=128,
+        measure_drift=False,
+    )
     set_inputs(prompt, "EmptyLatentImage", width=192, height=128)
     set_inputs(prompt, "KSampler", steps=2)
     entry = server.run(prompt)
@@ -157,7 +165,7 @@ def test_shipped_fusion_workflow_fuses_saves_and_samples(server):
 def test_shipped_regional_workflow_with_sketch_layout(server):
     fusion = load_workflow("gradient_fusion_three_concepts")
     set_inputs(fusion, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
-    set_inputs(fusion, "MoSGradientFusion", solver="exact", sample_steps=1, sample_resolution=128)
+    set_inputs(fusion, "MoSGradientFusion", solver="exact", sample_steps=1, sample_resolution=128, measure_drift=False)
     set_inputs(fusion, "MoSSaveFused", filename="regional_test_fused")
     for node in ("7", "8", "9", "10", "11", "12"):
         del fusion[node]

@@ -19,7 +19,7 @@ def test_original_string_syntax():
     assert regions[0].negative == "longbody, lowres" and regions[1].negative == ""
     assert regions[0].box.as_tuple() == pytest.approx((4 / 1024, 6 / 1024, 1.0, 490 / 1024))
     assert regions[2].box == Box(0.0, 0.0, 1.0, 1.0)
-    with pytest.raises(RegionError, match="needs 4 numbers"):
+    with pytest.raises(RegionError, match="must look like \\[y1, x1, y2, x2\\]"):
         parse_original_syntax("[a]-*-[b]-*-[1, 2, 3]", 64, 64)
     with pytest.raises(RegionError, match=r"expected '\[prompt\]-\*-\[negative\]-\*-\[y1, x1, y2, x2\]'"):
         parse_original_syntax("[a]-*-[1, 2, 3, 4]", 64, 64)
