@@ -196,6 +196,20 @@ class Frontend:
         """The prompt Run would send (``app.graphToPrompt().output``), node and group boxes, view scale, errors."""
         return self.page.evaluate(_STATE)
 
+    def dismiss_toasts(self) -> None:
+        """Close notification toasts and the "Nodes 2.0" banner, so a screenshot shows the graph."""
+        self.page.evaluate(
+            """() => { document.querySelectorAll('.p-toast-close-button, [aria-label="Close"]').forEach((b) => b.click()); }"""
+        )
+        self.page.wait_for_timeout(300)
+
+    def canvas_clip(self) -> dict:
+        """The part of the page the graph canvas occupies, for screenshots."""
+        left, top, width, height = self.page.evaluate(
+            "() => { const r = document.querySelector('#graph-canvas').getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; }"
+        )
+        return {"x": left + 60, "y": top + 50, "width": width - 60, "height": height - 50}
+
     def evaluate(self, script: str, arg=None):
         return self.page.evaluate(script, arg)
 

@@ -22,6 +22,7 @@ from . import keys as edkeys
 from .arch import layer_count
 from .concepts import ConceptEntry, ConceptSet
 from .format import EDLoRA, EDLoRAError, to_kohya_state_dict
+from .loras import lora_patches
 from .routing import install_layer_routing
 
 
@@ -116,7 +117,9 @@ def edlora_patches(edlora: EDLoRA, model, clip) -> tuple[dict, dict]:
 
 
 def check_embeddings_fit(edlora: EDLoRA, model, clip) -> None:
-    """Refuse embeddings whose width or layer count cannot serve this CLIP / UNet."""
+    """Refuse embeddings whose width or layer count cannot serve this CLIP / UNet (none: nothing to check)."""
+    if not edlora.embeddings:
+        return
     if clip is not None:
         width = text_embedding_width(clip)
         if edlora.width != width:
@@ -131,6 +134,20 @@ def check_embeddings_fit(edlora: EDLoRA, model, clip) -> None:
                 f"'{edlora.name}': concept embeddings have {edlora.layers} layer-wise vectors per word "
                 f"but the connected model has {layers} cross-attention layers."
             )
+
+
+def concept_patches(entry: ConceptEntry, model, clip) -> tuple[dict, dict, list[str]]:
+    """``(unet patches, clip patches, unused file keys)`` of one concept on ``model``/``clip``, at strength 1.
+
+    ED-LoRAs are checked with :func:`fit_to_model` (any misfit is an error); ordinary LoRAs go through ComfyUI's own
+    key maps and adapters (:func:`.loras.lora_patches`), which leave keys that fit nothing for the caller to report.
+    """
+    if entry.lora is not None:
+        patches = lora_patches(entry.lora, model, clip)
+        return patches.unet, patches.clip, patches.unused
+    fit_to_model(entry.edlora, model, clip)
+    unet, text = edlora_patches(entry.edlora, model, clip)
+    return unet, text, []
 
 
 def check_concepts_fit(concepts: ConceptSet | None, model, clip) -> None:

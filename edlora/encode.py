@@ -95,6 +95,13 @@ def layerwise_tokens(clip, concepts: ConceptSet | None, text: str) -> LayerwiseT
     return LayerwiseTokens(tokens, variants, layers, chunks, word_of_token, {key: end_token(clip, key) for key in tokens})
 
 
+def plain_tokens(clip, text: str) -> LayerwiseTokens:
+    """A prompt without concept words in the same form: one copy of its tokens, serving every layer."""
+    tokens = clip.tokenize(text)
+    chunks = len(next(iter(tokens.values())))
+    return LayerwiseTokens(tokens, tokens, 1, chunks, {}, {key: end_token(clip, key) for key in tokens})
+
+
 def encode_layer_stack(clip, tokens: LayerwiseTokens) -> tuple[torch.Tensor, dict]:
     """Encode all layer variants in one text-encoder call: ``([1, layers, tokens, width], extra outputs)``."""
     out = clip.encode_from_tokens(tokens.variants, return_pooled=True, return_dict=True)

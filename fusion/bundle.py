@@ -72,12 +72,14 @@ def save_fused(
     sources = sources or {}
     concepts_meta = [
         {
-            "name": e.edlora.concept_name,
+            "name": e.name,
+            "kind": e.kind,
             "words": e.edlora.words,
-            "source": e.edlora.name,
-            "sha256": sources.get(e.edlora.name, {}).get("sha256", ""),
+            "source": e.source,
+            "sha256": sources.get(e.source, {}).get("sha256", ""),
             "unet_strength": e.unet_strength,
             "text_encoder_strength": e.text_encoder_strength,
+            "prompts": list(e.prompts),
         }
         for e in fused.concepts.entries
     ]
@@ -94,6 +96,8 @@ def save_fused(
         "stats_index": json.dumps(stats_index),
         "drift": json.dumps(fused.drift),
         "stage_reports": json.dumps({k: vars(v) for k, v in fused.stage_reports.items()}),
+        "layer_methods": json.dumps(fused.layer_methods),
+        "notes": json.dumps(fused.notes),
     }
     return write_safetensors(tensors, metadata, path)
 
@@ -150,6 +154,8 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
         drift=_metadata_json(metadata, "drift", {}, dict, name),
         stats=stats or None,
         base_fingerprint=metadata.get("base_fingerprint", ""),
+        layer_methods=_metadata_json(metadata, "layer_methods", {}, dict, name),
+        notes=_metadata_json(metadata, "notes", [], list, name),
     )
 
 
@@ -193,7 +199,10 @@ def _concept_set(meta: list, embeddings: dict[str, torch.Tensor], name: str) -> 
                 strengths = float(entry.get("unet_strength", 1.0)), float(entry.get("text_encoder_strength", 1.0))
             except (TypeError, ValueError):
                 raise FusedFileError(f"'{name}': metadata 'concepts' has a non-numeric strength for {words}.") from None
-            concepts = concepts.add(ConceptEntry(edlora, *strengths))
+            prompts = entry.get("prompts", [])
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise FusedFileError(f"'{name}': metadata 'concepts' has prompts that are not a list of text.")
+            concepts = concepts.add(ConceptEntry(edlora, *strengths, prompts=tuple(prompts)))
         for stem_words in _group_by_stem([w for w in embeddings if w not in assigned]):
             concepts = concepts.add(ConceptEntry(EDLoRA({w: embeddings[w] for w in stem_words}, {}, {}, name=name)))
     except EDLoRAError as exc:

@@ -4,6 +4,10 @@ Layers that read the same input share one :class:`~.stats.GramGroup` (q/k/v of a
 cross-attention, q/k/v of a CLIP attention); the group is computed once per forward call. A hook checks that
 the members of a group really received the same tensor, so another pack's attention patch that changes those
 inputs stops fusion with a clear error instead of fusing the wrong statistics.
+
+A row is what the layer multiplies by its weight matrix: a token's features for a Linear layer, a pixel's channels
+for a 1x1 convolution, and the unfolded ``in_channels x k x k`` patch around each output pixel for a ``k x k`` one
+(so ``W.flatten(1) @ patch`` is the convolution exactly).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 
 from .results import FusionError
 from .stats import GramGroup
@@ -41,6 +46,16 @@ def _call_order(key: str) -> tuple:
 
 class FusionCaptureError(FusionError):
     """Another patch changed a layer's input under fusion's hooks; fusing such statistics would be wrong."""
+
+
+def input_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[rows, width]``: the vectors ``module`` multiplies by its (flattened) weight for input ``x``."""
+    if isinstance(module, torch.nn.Conv2d):
+        if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0):
+            return x.movedim(1, -1).reshape(-1, x.shape[1])
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 class GramCapture:
@@ -104,6 +119,8 @@ class GramCapture:
                 if rows.shape[:-1] != mask.shape:
                     raise FusionCaptureError(f"row mask {tuple(mask.shape)} does not fit input {tuple(rows.shape)} of '{key}'")
                 rows = rows[mask]
+            else:
+                rows = input_rows(module, rows)
             rows = rows.reshape(-1, rows.shape[-1]).to(device=self.device, dtype=self.compute_dtype)
             if group not in self.groups:
                 self.groups[group] = GramGroup.empty(rows.shape[-1], device=self.device)

@@ -1,7 +1,7 @@
 """Identity drift: how far a fused model's noise prediction moves from each concept's own model.
 
 One protocol for every fusion method, so their reports compare: a 512x512 latent, three noise levels, a fixed
-noise seed per concept, the prompt ``photo of a {concept}``, no CFG.
+noise seed per concept, the concept's first sample prompt (``photo of a {concept}`` for an ED-LoRA), no CFG.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from ..edlora.apply import edlora_patches
+from ..edlora.apply import concept_patches
 from ..edlora.concepts import ConceptSet
 from ..edlora.encode import encode_prompt
 from ..edlora.routing import install_layer_routing
@@ -48,8 +48,9 @@ def denoiser_outputs(model, positive, latent: torch.Tensor, sigmas: list[float],
 def identity_drift(model, clip, fused: FusedModel) -> dict[str, float]:
     """Per concept: ``||eps_fused - eps_single|| / ||eps_single||`` on the concept's prompt at a few noise levels.
 
-    ``eps_single`` comes from the base model with only that concept's ED-LoRA (at its fusion strengths), the reference
-    the fusion tries to preserve; ``eps_fused`` from the fused model with the same prompt, latent and noise.
+    ``eps_single`` comes from the base model with only that concept's own LoRA (at its fusion strengths), the
+    reference the fusion tries to preserve; ``eps_fused`` from the fused model with the same prompt (the concept's
+    first sample prompt), latent and noise.
     """
     fused_model, fused_clip = fused.apply(model, clip)
     sampling = model.get_model_object("model_sampling")
@@ -59,9 +60,9 @@ def identity_drift(model, clip, fused: FusedModel) -> dict[str, float]:
     out = {}
     for index, entry in enumerate(fused.concepts.entries):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        name = entry.edlora.concept_name
+        name = entry.name
         single = ConceptSet((entry,))
-        unet_patches, text_patches = edlora_patches(entry.edlora, model, clip)
+        unet_patches, text_patches, _ = concept_patches(entry, model, clip)
         single_model = model.clone()
         if unet_patches:
             single_model.add_patches(unet_patches, entry.unet_strength)
@@ -69,7 +70,7 @@ def identity_drift(model, clip, fused: FusedModel) -> dict[str, float]:
         single_clip = clip.clone()
         if text_patches:
             single_clip.add_patches(text_patches, entry.text_encoder_strength)
-        prompt = f"photo of a {name}"
+        prompt = entry.sample_prompts()[0]
         seed = DRIFT_SEED + index
         reference = denoiser_outputs(single_model, encode_prompt(single_clip, single, prompt), latent, sigmas, seed)
         fused_out = denoiser_outputs(fused_model, encode_prompt(fused_clip, fused.concepts, prompt), latent, sigmas, seed)

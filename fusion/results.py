@@ -38,6 +38,16 @@ class FusionSettings:
     #: them, as ComfyUI encodes prompts (padded to 77 tokens); "original" = start..first end token for the text
     #: encoder and concept words + first end token for K/V, as the research code did with unpadded prompts.
     token_positions: str = "padded"
+    #: memory for statistics (float64); layers whose statistics do not fit are weight-fused (see fusion.plan)
+    statistics_budget_gb: float = 8.0
+    #: k x k convolutions (LoCon files): "weight" = weight fusion, "statistics" = Gram of unfolded patches
+    conv_layers: str = "weight"
+
+    def __post_init__(self):
+        if not (self.statistics_budget_gb >= 0):
+            raise FusionError(f"statistics memory must be at least 0 GB, got {self.statistics_budget_gb!r}.")
+        if self.conv_layers not in ("weight", "statistics"):
+            raise FusionError(f"conv_layers must be 'weight' or 'statistics', got {self.conv_layers!r}.")
 
     def as_metadata(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items()}
@@ -70,6 +80,8 @@ class FusedModel:
     drift: dict[str, float] = field(default_factory=dict)
     stats: dict[str, FusionStats] | None = None  # per stage, kept so a later fusion can add concepts
     base_fingerprint: str = ""
+    layer_methods: dict[str, str] = field(default_factory=dict)  # weight key -> how it was fused (and why)
+    notes: list[str] = field(default_factory=list)  # what the user should know: unused file keys, duplicate prompts
 
     def apply(self, model, clip):
         """Clones of ``model``/``clip`` with the fused weights as diff patches and layer routing installed."""
@@ -88,17 +100,42 @@ class FusedModel:
                 continue
             change = 100.0 * (r.loss_after - r.loss_before) / r.loss_before if r.loss_before > 0 else 0.0
             lines.append(f"  {stage}: {r.layers} layers, objective {r.loss_before:.4g} -> {r.loss_after:.4g} ({change:+.1f}%)")
+        if self.layer_methods:
+            counts: dict[str, int] = {}
+            for method in self.layer_methods.values():
+                counts[method.split(":")[0]] = counts.get(method.split(":")[0], 0) + 1
+            lines.append("  layers by method: " + ", ".join(f"{n} {m}" for m, n in sorted(counts.items())))
+            weight = [f"{k} ({m.split(': ', 1)[1]})" for k, m in sorted(self.layer_methods.items()) if ": " in m]
+            for line in weight[:12]:
+                lines.append(f"    weight-fused: {line}")
+            if len(weight) > 12:
+                lines.append(f"    ... and {len(weight) - 12} more weight-fused layers")
         if self.drift:
-            lines.append("  identity drift (relative error of the noise prediction against each concept's own ED-LoRA model):")
+            lines.append("  identity drift (relative error of the noise prediction against each concept's own model):")
             for name, value in self.drift.items():
                 lines.append(f"    {name}: {value:.4f}")
+        lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
+class Fingerprint:
+    """A short hash of base weights, so a fusion is only saved, loaded or extended on the base it was made on; keys
+    are added in sorted order one at a time, so no copy of every weight is held."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+
+    def add(self, key: str, weight: torch.Tensor) -> None:
+        self._digest.update(key.encode())
+        self._digest.update(weight.detach().to(torch.float16).cpu().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:16]
+
+
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    """A short hash of base weights, so a fusion is only saved, loaded or extended on the base it was made on."""
-    digest = hashlib.sha256()
+    """:class:`Fingerprint` of a dict of weights."""
+    digest = Fingerprint()
     for key in sorted(weights):
-        digest.update(key.encode())
-        digest.update(weights[key].detach().to(torch.float16).numpy().tobytes())
-    return digest.hexdigest()[:16]
+        digest.add(key, weights[key])
+    return digest.hexdigest()

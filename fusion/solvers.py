@@ -116,12 +116,19 @@ def solve_exact(
     residual = cross - w0d @ gram
     k = gram.shape[0]
     lam = ridge * max(float(torch.trace(gram)) / k, 1e-30)
-    system = gram + lam * torch.eye(k, dtype=dtype, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(system)
+    eye = torch.eye(k, dtype=dtype, device=gram.device)
+    # G is positive semi-definite, but summed from float32 products it can be indefinite by rounding in directions
+    # the data barely excites; a ridge ten times larger per try restores a factorisation (a least-squares solve of
+    # the same system costs ~100x more)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if int(info) == 0:
+            break
+        lam *= 10.0
     if int(info) == 0:
         delta = torch.cholesky_solve(residual.T, factor).T
     else:
-        delta = torch.linalg.lstsq(system, residual.T).solution.T
+        delta = torch.linalg.lstsq(gram + lam * eye, residual.T).solution.T
     weight = w0d + delta
     return Solution(
         weight.reshape(w0.shape).to(dtype=w0.dtype, device=w0.device),

@@ -93,6 +93,22 @@ class FusionStats:
     groups: dict[str, GramGroup] = field(default_factory=dict)
     layers: dict[str, LayerStats] = field(default_factory=dict)
 
+    def fold_layer(self, key: str, group: str, concept_gram: GramGroup, target: torch.Tensor, concept: str) -> None:
+        """Fold one concept's target weight for layer ``key``, whose input statistics are ``concept_gram``."""
+        if key not in self.layers:
+            self.layers[key] = LayerStats.empty(
+                group, target.shape[0], target.flatten(1).shape[1], device=concept_gram.gram.device
+            )
+        self.layers[key].fold(concept_gram, target, concept)
+
+    def add_groups(self, groups: dict[str, GramGroup]) -> None:
+        """Add one concept's Gram groups (after its layers were folded with them)."""
+        for name, gram in groups.items():
+            if name in self.groups:
+                self.groups[name].add(gram)
+            else:
+                self.groups[name] = gram
+
     def fold_concept(
         self, concept: str, groups: dict[str, GramGroup], targets: dict[str, torch.Tensor], group_of: Callable[[str], str]
     ) -> None:
@@ -101,16 +117,8 @@ class FusionStats:
         Every target's group (``group_of(key)``) must be among ``groups``; the caller checks that.
         """
         for key, target in targets.items():
-            group = group_of(key)
-            if key not in self.layers:
-                device = groups[group].gram.device
-                self.layers[key] = LayerStats.empty(group, target.shape[0], target.flatten(1).shape[1], device=device)
-            self.layers[key].fold(groups[group], target, concept)
-        for name, gram in groups.items():
-            if name in self.groups:
-                self.groups[name].add(gram)
-            else:
-                self.groups[name] = gram
+            self.fold_layer(key, group_of(key), groups[group_of(key)], target, concept)
+        self.add_groups(groups)
 
     def merged(self, other: FusionStats) -> FusionStats:
         """The sum of two statistics of the same stage (they are additive); neither input changes."""

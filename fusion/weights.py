@@ -11,9 +11,11 @@ import comfy.utils
 import torch
 
 
-def effective_weights(patcher, keys) -> dict[str, torch.Tensor]:
-    """Weights of ``keys`` as ``patcher`` would compute them (original + its patches), float32 on the CPU."""
-    key_patches = patcher.get_key_patches()
+def effective_weights(patcher, keys, key_patches: dict | None = None) -> dict[str, torch.Tensor]:
+    """Weights of ``keys`` as ``patcher`` would compute them (original + its patches), float32 on the CPU.
+
+    ``key_patches`` is ``patcher.get_key_patches()`` when the caller already has it (it lists every key)."""
+    key_patches = key_patches if key_patches is not None else patcher.get_key_patches()
     out = {}
     for key in keys:
         original, convert = key_patches[key][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -9,8 +10,12 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..edlora.concepts import ConceptEntry, ConceptSet
-from ..edlora.format import load_edlora
+from ..edlora.files import write_safetensors
+from ..edlora.format import EDLoRA, load_edlora
+from ..edlora.loras import LoRAFileError, load_lora_file, suggested_prompts
+from ..edlora.prompt import check_known_words
 from ..fusion.bundle import FusedFileError, check_fits, load_fused, save_fused
+from ..fusion.export import export_lora
 from ..fusion.procedure import gradient_fusion, weight_fusion
 from ..fusion.results import FusionError, FusionSettings, fingerprint
 from ..fusion.solvers import SOLVERS
@@ -21,6 +26,7 @@ from .inputs import MoSNode
 from .types import Concepts, Fused
 
 FUSED_FOLDER = "mixofshow_fused"
+log = logging.getLogger("mixofshow")
 
 
 def fused_file_list() -> list[str]:
@@ -79,6 +85,15 @@ class EDLoRAStack(MoSNode):
                     tooltip="Strength of this concept's text-encoder LoRA in its fusion target.",
                 ),
                 Concepts.Input("concepts", optional=True, tooltip="The stack so far."),
+                io.String.Input(
+                    "prompts",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="Prompts that show this concept, one per line, with its words (e.g. 'photo of <potter1> "
+                    "<potter2> in a street'); fusion fits every layer on them. Empty: the original's 'photo of a "
+                    "<concept>' and '<concept>'. More varied prompts help.",
+                ),
             ],
             outputs=[Concepts.Output(display_name="CONCEPTS")],
         )
@@ -88,9 +103,101 @@ class EDLoRAStack(MoSNode):
         return file_fingerprint("edloras", edlora_name)
 
     @classmethod
-    def execute(cls, edlora_name, unet_strength, text_encoder_strength, concepts=None) -> io.NodeOutput:
+    def execute(cls, edlora_name, unet_strength, text_encoder_strength, concepts=None, prompts="") -> io.NodeOutput:
         edlora = load_edlora(edlora_path(edlora_name), name=edlora_name)
-        return io.NodeOutput((concepts or ConceptSet()).add(ConceptEntry(edlora, unet_strength, text_encoder_strength)))
+        lines = prompt_lines(prompts)
+        entry = ConceptEntry(edlora, unet_strength, text_encoder_strength, prompts=lines)
+        stack = (concepts or ConceptSet()).add(entry)
+        check_prompt_words(entry, stack)
+        return io.NodeOutput(stack, ui=ui.PreviewText(prompts_summary(entry)))
+
+
+def prompt_lines(text) -> tuple[str, ...]:
+    """One prompt per non-empty line."""
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
+def check_prompt_words(entry: ConceptEntry, stack: ConceptSet) -> None:
+    """Concept words in a concept's prompts must be loaded (so far in the stack), named before any work starts."""
+    for prompt in entry.prompts:
+        check_known_words(prompt, stack.words, where=f"prompts of {entry.name}")
+
+
+def prompts_summary(entry: ConceptEntry) -> str:
+    source = "given" if entry.prompts else "default"
+    return f"{entry.name}: fusion prompts ({source}):\n" + "\n".join(f"  {p}" for p in entry.text_prompts())
+
+
+class LoRAConcept(MoSNode):
+    FILE_INPUTS = {"lora_name": "loras"}
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSLoRAConcept",
+            display_name="MoS LoRA Concept",
+            category="mixofshow/fusion",
+            description=(
+                "Adds an ordinary LoRA (kohya, diffusers/PEFT, LyCORIS LoCon/LoHa/LoKr, DoRA: anything core LoraLoader "
+                "reads) from models/loras to a CONCEPTS stack, with prompts that show it by its trigger words. Mix it "
+                "with ED-LoRAs and fuse them all with MoS Gradient Fusion, so several characters live in one model "
+                "without their identities bleeding into each other."
+            ),
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip="A LoRA from models/loras."),
+                io.Float.Input(
+                    "model_strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Strength of the LoRA on the model (UNet) in its fusion target, as in core LoraLoader.",
+                ),
+                io.Float.Input(
+                    "clip_strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Strength of the LoRA on CLIP in its fusion target, as in core LoraLoader.",
+                ),
+                io.String.Input(
+                    "prompts",
+                    multiline=True,
+                    default="",
+                    tooltip="Prompts that show the concept, one per line, with its trigger words (e.g. 'photo of hatsune "
+                    "miku, twintails' and 'hatsune miku standing in a street'). Empty: suggested from the file's training "
+                    "tags when it has them (the node shows which).",
+                ),
+                Concepts.Input("concepts", optional=True, tooltip="The stack so far."),
+            ],
+            outputs=[Concepts.Output(display_name="CONCEPTS", tooltip="The stack with this LoRA added.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name, **kwargs):
+        return file_fingerprint("loras", lora_name)
+
+    @classmethod
+    def execute(cls, lora_name, model_strength, clip_strength, prompts, concepts=None) -> io.NodeOutput:
+        lora = load_lora_file(model_path("loras", lora_name, "LoRA", LoRAFileError), name=lora_name)
+        lines = prompt_lines(prompts)
+        source = "given"
+        if not lines:
+            lines = tuple(suggested_prompts(lora))
+            source = "suggested from the file's training tags"
+            if not lines:
+                raise LoRAFileError(
+                    f"MoS LoRA Concept: '{lora_name}' has no training tags to suggest prompts from; write prompts that show "
+                    "the concept with its trigger words, one per line (e.g. 'photo of hatsune miku, twintails')."
+                )
+        empty = EDLoRA({}, {}, {}, name=lora_name)
+        entry = ConceptEntry(empty, model_strength, clip_strength, lora=lora, prompts=lines)
+        stack = (concepts or ConceptSet()).add(entry)
+        check_prompt_words(entry, stack)
+        log.info("MoS LoRA Concept %s: fusion prompts (%s): %s", lora_name, source, " | ".join(lines))
+        text = f"{lora_name}: fusion prompts ({source}):\n" + "\n".join(f"  {p}" for p in lines)
+        return io.NodeOutput(stack, ui=ui.PreviewText(text))
 
 
 class GradientFusion(MoSNode):
@@ -173,6 +280,24 @@ class GradientFusion(MoSNode):
                     tooltip="Measure each concept's identity drift for the report (a few UNet calls per concept at 512x512). "
                     "Added after the first release: older workflows get the default.",
                 ),
+                io.Float.Input(
+                    "statistics_memory_gb",
+                    default=FusionSettings.statistics_budget_gb,
+                    min=0.0,
+                    max=1024.0,
+                    step=0.5,
+                    tooltip="Memory for the fusion statistics (float64, on 'device'). Layers whose statistics do not fit "
+                    "(large convolutions of LoCon files first) are weight-fused instead; the report names them. "
+                    "ED-LoRAs on SD1.5 need about 1.2 GB.",
+                ),
+                io.Combo.Input(
+                    "conv_layers",
+                    options=["weight", "statistics"],
+                    default="weight",
+                    tooltip="k x k convolutions (LoCon files): weight = weight fusion (the mean of the concepts' changes; "
+                    "measured to keep identities better on our tests); statistics = fit them like Linear layers on the "
+                    "unfolded patches they see (exact, but large: 1-4 GB per SD1.5 layer).",
+                ),
                 Fused.Input(
                     "previous",
                     optional=True,
@@ -197,6 +322,8 @@ class GradientFusion(MoSNode):
         device,
         token_positions,
         measure_drift=True,
+        statistics_memory_gb=FusionSettings.statistics_budget_gb,
+        conv_layers="weight",
         previous=None,
     ) -> io.NodeOutput:
         settings = FusionSettings(
@@ -208,6 +335,8 @@ class GradientFusion(MoSNode):
             solver=solver,
             device=device,
             token_positions=token_positions,
+            statistics_budget_gb=statistics_memory_gb,
+            conv_layers=conv_layers,
         )
         fused = gradient_fusion(model, clip, concepts, settings, previous=previous, measure_drift=measure_drift)
         return _outputs(model, clip, fused)
@@ -294,9 +423,9 @@ class SaveFused(MoSNode):
                 raise FusedFileError("MoS Save Fused: the connected MODEL/CLIP are not the base this fusion was made on.")
         sources = {}
         for entry in fused.concepts.entries:
-            source = folder_paths.get_full_path("edloras", entry.edlora.name)
+            source = folder_paths.get_full_path("loras" if entry.kind == "lora" else "edloras", entry.source)
             if source:
-                sources[entry.edlora.name] = {"sha256": file_sha256(source)}
+                sources[entry.source] = {"sha256": file_sha256(source)}
         save_fused(
             fused, path, base_weights=base_weights, storage=storage, include_statistics=include_statistics, sources=sources
         )
@@ -343,4 +472,51 @@ class LoadFused(MoSNode):
         return io.NodeOutput(fused_model, fused_clip, fused.concepts, fused)
 
 
-NODES = [EDLoRAStack, GradientFusion, WeightFusion, SaveFused, LoadFused]
+class ExportFusedLoRA(MoSNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MoSExportFusedLoRA",
+            display_name="MoS Export Fused LoRA",
+            category="mixofshow/fusion",
+            description=(
+                "Writes a fusion as one ordinary LoRA file in models/loras that core LoraLoader and other tools load: "
+                "rank 0 writes the fused weight differences exactly; a rank writes each as its best low-rank "
+                "approximation (the node reports the error). Concept words' layer-wise vectors cannot go into a LoRA: "
+                "ED-LoRA concepts still need MoS Load Fused; LoRA concepts work with their trigger words."
+            ),
+            inputs=[
+                Fused.Input("fused", tooltip="FUSED from MoS Gradient Fusion, MoS Weight Fusion or MoS Load Fused."),
+                io.Model.Input("model", tooltip="The base model the fusion was made on (names the layers; checked)."),
+                io.Clip.Input("clip", tooltip="The base text encoder the fusion was made on."),
+                io.String.Input("filename", default="fused_lora", tooltip="File name in models/loras, without extension."),
+                io.Int.Input(
+                    "rank",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    tooltip="0: exact (full differences, a large file). Otherwise the rank of each layer's approximation; "
+                    "exact where a layer's difference has at most that rank.",
+                ),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the LoRA was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, fused, model, clip, filename, rank, overwrite) -> io.NodeOutput:
+        path = output_path("loras", filename, ".safetensors", overwrite, "MoS Export Fused LoRA filename", FusedFileError)
+        keys = sorted({*fused.unet_diffs, *fused.text_diffs})
+        if fused.base_fingerprint and fingerprint(BaseWeights(model, clip)(keys)) != fused.base_fingerprint:
+            raise FusedFileError("MoS Export Fused LoRA: the connected MODEL/CLIP are not the base this fusion was made on.")
+        tensors, metadata, report = export_lora(fused, model, clip, rank)
+        write_safetensors(tensors, metadata, path)
+        text = f"Wrote {path}\n{report.text(rank)}"
+        if fused.concepts.words:
+            text += f"\nNot included: the layer-wise vectors of {' '.join(fused.concepts.words)} (use MoS Load Fused for them)."
+        log.info("MoS Export Fused LoRA: %s", text.replace("\n", " "))
+        return io.NodeOutput(path, ui=ui.PreviewText(text))
+
+
+NODES = [EDLoRAStack, LoRAConcept, GradientFusion, WeightFusion, SaveFused, LoadFused, ExportFusedLoRA]

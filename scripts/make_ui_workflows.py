@@ -41,6 +41,7 @@ SIZES = {
     "MoSRegionalControlStrength": (360, 190),
     "MoSLoadTrainingImages": (420, 106),
     "MoSTrainEDLoRA": (380, 0),
+    "MoSLoRAConcept": (360, 190),
     "MoSGradientFusion": (360, 0),
     "MoSEDLoRAStack": (330, 0),
     "MoSEDLoRALoader": (330, 0),
@@ -105,6 +106,29 @@ LAYOUTS = {
                 [Block(None, [[NOTE]]), Block("1  Base model and concepts", [["1", "2", "3", "4"]], "#3f789e")],
                 [Block("2  Fuse and save", [["5", "6"]], "#a1309b")],
                 [Block("3  Sample the fused model", [["7", "8", "9"], ["10", "11", "12"]], "#4f7a3a")],
+            ],
+        ],
+    ),
+    "fuse_loras_regional": Layout(
+        note=(
+            "## Three characters from their own LoRAs\n"
+            "Fuses ordinary LoRAs (kohya, LyCORIS, diffusers: whatever LoraLoader reads) into one model with "
+            "Mix-of-Show gradient fusion, then gives each character its own region and prompt, so their identities "
+            "do not bleed into each other.\n\n"
+            "**Files:** an SD1.x checkpoint; three character LoRAs in `models/loras`. Write prompts with each "
+            "LoRA's trigger words (or leave them empty to use the file's training tags).\n\n"
+            "Fusion takes minutes on a GPU; the seed is fixed so a second Run reuses it."
+        ),
+        note_size=(340, 290),
+        sizes={"2": (340, 150), "3": (340, 150), "4": (340, 150), "6": (400, 220), "7": (380, 300), "11": (280, 260)},
+        rows=[
+            [
+                [Block(None, [[NOTE]]), Block("1  Base model", [["1"]], "#3f789e")],
+                [Block("2  Characters", [["2", "3", "4"]], "#8a6e2f")],
+                [Block("3  Fuse", [["5"]], "#a1309b")],
+            ],
+            [
+                [Block("4  One character per region, then sample", [["6", "8"], ["7"], ["9", "10"], ["11"]], "#4f7a3a")],
             ],
         ],
     ),
@@ -247,6 +271,7 @@ def main() -> int:
     from devkit.browser import Frontend
     from devkit.server import ComfyServer
 
+    built = []
     with tempfile.TemporaryDirectory() as base, ComfyServer(comfyui_dir(), base) as server, Frontend(server.url) as frontend:
         for api_path in sorted(glob.glob(os.path.join(REPO_ROOT, "workflows", "api", "*.json"))):
             name = os.path.splitext(os.path.basename(api_path))[0]
@@ -261,10 +286,21 @@ def main() -> int:
                 json.dump(workflow, f, indent=1)
                 f.write("\n")
             print(f"wrote {os.path.relpath(ui_path, REPO_ROOT)}")
+            built.append((name, workflow))
         errors = frontend.real_errors()
         if errors:
             print("\n".join(errors), file=sys.stderr)
             return 1
+        frontend.close()
+        # pictures for the README: a larger screen, so the fitted view is close to full size and every label reads
+        with Frontend(server.url, 2400, 1350) as big:
+            for name, workflow in built:
+                picture = os.path.join(REPO_ROOT, "docs", "images", f"{name}.jpg")
+                os.makedirs(os.path.dirname(picture), exist_ok=True)
+                big.drop_workflow(workflow, f"{name}.json")
+                big.dismiss_toasts()
+                big.page.screenshot(path=picture, clip=big.canvas_clip(), type="jpeg", quality=82)
+                print(f"wrote {os.path.relpath(picture, REPO_ROOT)}")
     return 0
 
 

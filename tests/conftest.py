@@ -111,6 +111,10 @@ def server_files(tmp_path_factory, small_model):
     )
     models.write_checkpoint(os.path.join(base, "models", "checkpoints", TEST_CHECKPOINT), model, clip, vae)
     models.write_controlnet(os.path.join(base, "models", "controlnet", "test_sketch_control.safetensors"), seed=4)
+    from mixofshow.devkit.loras import write_lora
+
+    for seed, name in enumerate(("hatsune_miku", "asuka_langley", "rei_ayanami"), start=5):
+        write_lora(os.path.join(base, "models", "loras", f"{name}.safetensors"), model, clip, scope="attention", seed=seed)
     os.makedirs(os.path.join(base, "input"), exist_ok=True)
     from PIL import Image, ImageDraw
 

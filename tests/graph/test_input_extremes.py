@@ -38,6 +38,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("extremes")
     for sub in ("edloras", "loras", "mixofshow_fused", "input"):
         (root / sub).mkdir()
+    from mixofshow.devkit.loras import write_lora
+
+    write_lora(str(root / "loras" / "lx.safetensors"), model, clip, scope="attention", seed=3)
     save_edlora(make_edlora(model, clip, words=("<ex1>", "<ex2>"), seed=1, name="ex.pth"), str(root / "edloras" / "ex.pth"))
     save_edlora(make_edlora(model, clip, words=("<ey1>",), seed=2, name="ey.pth"), str(root / "edloras" / "ey.pth"))
     from PIL import Image
@@ -59,7 +62,11 @@ def world(tmp_path_factory):
     concepts = ConceptSet().add(ConceptEntry(load_edlora(str(root / "edloras" / "ex.pth")), 0.7, 0.7))
     concepts = concepts.add(ConceptEntry(load_edlora(str(root / "edloras" / "ey.pth")), 0.7, 0.7))
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    yield {"model": model, "clip": clip, "vae": vae, "concepts": concepts, "images": images, "root": root}
+    from mixofshow.fusion.procedure import weight_fusion
+
+    with torch.inference_mode():
+        fused = weight_fusion(model, clip, concepts, measure_drift=False)
+    yield {"model": model, "clip": clip, "vae": vae, "concepts": concepts, "images": images, "root": root, "fused": fused}
     for key, value in saved.items():
         if value is None:
             folder_paths.folder_names_and_paths.pop(key, None)
@@ -78,6 +85,8 @@ def base_inputs(node_id: str, world) -> dict:
         "MoSTextEncode": dict(clip=clip, text="a <ex1> <ex2>", concepts=concepts),
         "MoSConvertEDLoRA": dict(edlora_name="ex.pth", output_name="converted", overwrite=True),
         "MoSEDLoRAStack": dict(edlora_name="ex.pth"),
+        "MoSLoRAConcept": dict(lora_name="lx.safetensors", prompts="photo of lx person"),
+        "MoSExportFusedLoRA": dict(fused=world["fused"], model=model, clip=clip, filename="exported", overwrite=True),
         "MoSGradientFusion": dict(
             model=model, clip=clip, concepts=concepts, text_encoder_iters=2, unet_iters=2, sample_steps=1, sample_resolution=64
         ),

@@ -22,6 +22,8 @@ PACK_NODES = {
     "MoSLoadFused",
     "MoSLoadTrainingImages",
     "MoSTrainEDLoRA",
+    "MoSLoRAConcept",
+    "MoSExportFusedLoRA",
 }
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 
@@ -52,7 +54,7 @@ def test_pack_imports_without_failure_and_registers_the_folder(server, object_in
 
 def test_every_node_has_a_help_page(object_info):
     ours = sorted(n for n in object_info if n.startswith("MoS"))
-    assert len(ours) == 15
+    assert len(ours) == 17
     docs = os.path.join(os.path.dirname(WORKFLOWS), "web", "docs")
     assert [n for n in ours if not os.path.isfile(os.path.join(docs, f"{n}.md"))] == []
     assert all(object_info[n]["category"].startswith("mixofshow/") for n in ours)
@@ -61,7 +63,7 @@ def test_every_node_has_a_help_page(object_info):
 def test_every_ui_workflow_has_an_api_twin_with_the_same_nodes():
     """What the UI files hold is checked in the real frontend (tests/browser); here only that the twins pair up."""
     ui_files = glob.glob(os.path.join(WORKFLOWS, "*.json"))
-    assert len(ui_files) == 4, "workflows/ ships the four UI-format workflows"
+    assert len(ui_files) == 5, "workflows/ ships the five UI-format workflows"
     for path in ui_files:
         with open(path) as f:
             workflow = json.load(f)
@@ -77,6 +79,7 @@ def test_browse_templates_lists_only_ui_workflows(server):
     templates = server.get("/workflow_templates")["mixofshow"]
     assert sorted(templates) == [
         "edlora_single_concept",
+        "fuse_loras_regional",
         "gradient_fusion_three_concepts",
         "regional_three_concepts_sketch",
         "train_edlora_from_folder",
@@ -205,3 +208,26 @@ def test_shipped_training_workflow_trains_saves_and_samples(server):
     reload = single_concept_prompt("a photo of <name1> <name2> in the garden")
     set_inputs(reload, "MoSEDLoRALoader", edlora_name="server_trained.pth")
     assert len(server.image_files(server.run(reload))) == 1
+
+
+def test_shipped_lora_workflow_fuses_three_loras_and_samples_one_per_region(server):
+    prompt = load_workflow("fuse_loras_regional")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=DEMO_CKPT)
+    set_inputs(prompt, "MoSGradientFusion", solver="exact", sample_steps=1, sample_resolution=64, measure_drift=False)
+    set_inputs(prompt, "MoSRegionsFromText", width=192, height=64)
+    set_inputs(prompt, "EmptyLatentImage", width=192, height=64)
+    set_inputs(prompt, "KSampler", steps=2)
+    text = prompt["6"]["inputs"]["text"]
+    prompt["6"]["inputs"]["text"] = (
+        text.replace("[0, 0, 512, 330]", "[0, 0, 64, 62]")
+        .replace("[0, 347, 512, 677]", "[0, 65, 64, 126]")
+        .replace("[0, 694, 512, 1024]", "[0, 130, 64, 192]")
+    )
+    entry = server.run(prompt)
+    images = server.image_files(entry)
+    assert len(images) == 1
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (192, 64)
+    shown = " ".join(entry["outputs"]["2"]["text"])
+    assert "photo of hatsune miku, twintails, aqua hair" in shown
