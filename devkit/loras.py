@@ -49,8 +49,10 @@ def lora_targets(model, clip, scope: str = "attention") -> list[tuple[str, str, 
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
         shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
+        # SDXL LoRAs name their two encoders lora_te1_/lora_te2_ (core also maps lora_te_ onto CLIP-L there)
+        prefixes = ("lora_te1_", "lora_te2_") if any(n.startswith("lora_te2_") for n in key_map) else ("lora_te_",)
         for name, key in sorted(key_map.items()):
-            if not name.startswith("lora_te_") or not isinstance(key, str):
+            if not name.startswith(prefixes) or not isinstance(key, str):
                 continue
             if scope == "attention" and "self_attn" not in name:
                 continue
@@ -59,8 +61,9 @@ def lora_targets(model, clip, scope: str = "attention") -> list[tuple[str, str, 
 
 
 def _peft_name(kohya: str, key: str, model) -> str | None:
-    if kohya.startswith("lora_te_"):
-        return "text_encoder." + key.split(".transformer.", 1)[1][: -len(".weight")]
+    if kohya.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+        encoder = "text_encoder_2." if key.startswith("clip_g.") else "text_encoder."
+        return encoder + key.split(".transformer.", 1)[1][: -len(".weight")]
     diffusers = {
         f"diffusion_model.{v}": k for k, v in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()
     }

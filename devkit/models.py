@@ -48,6 +48,46 @@ SD15_UNET = dict(
 )
 SMALL_SD1_UNET = {**SD15_UNET, "channel_mult": [1, 1, 1, 1]}
 TINY_UNET = {**SD15_UNET, "model_channels": 32, "channel_mult": [1, 1, 1, 1], "context_dim": 64, "num_heads": 2}
+#: SDXL's block structure (70 cross-attention blocks in 11 spatial transformers, both text encoders, ADM) at tiny
+#: widths: CLIP-L 64 + CLIP-G 96 wide (context 160), pooled 96 + 6 x 256 size embeddings.
+TINY_CLIP_G = {
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 3,
+    "projection_dim": 96,
+}
+SDXL_UNET = dict(
+    use_checkpoint=False,
+    image_size=32,
+    out_channels=4,
+    use_spatial_transformer=True,
+    legacy=False,
+    num_classes="sequential",
+    adm_in_channels=2816,
+    in_channels=4,
+    model_channels=320,
+    num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10],
+    channel_mult=[1, 2, 4],
+    transformer_depth_middle=10,
+    use_linear_in_transformer=True,
+    context_dim=2048,
+    num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
+TINY_SDXL_UNET = {
+    **SDXL_UNET,
+    "model_channels": 32,
+    "channel_mult": [1, 1, 1],
+    "context_dim": 160,
+    "adm_in_channels": 96 + 1536,
+    "num_head_channels": 16,
+}
+#: the small SDXL that CheckpointLoaderSimple detects as SDXL: SDXL's layout at 320 channels on every level, full CLIPs
+SMALL_SDXL_UNET = {**SDXL_UNET, "channel_mult": [1, 1, 1]}
 TINY_VAE = {
     "double_z": True,
     "z_channels": 4,
@@ -138,6 +178,59 @@ def tiny_sd1(seed: int = 0, unet_dtype: torch.dtype = torch.float32, channels: i
     return _unet(_TinySD15, unet, seed + 1, unet_dtype), _clip(seed + 2, TINY_CLIP), _vae(seed + 3, TINY_VAE)
 
 
+class _TinySDXL(comfy.supported_models.SDXL):
+    unet_config = {**comfy.supported_models.SDXL.unet_config, "context_dim": 160, "adm_in_channels": 96 + 1536}
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+
+
+def _sdxl_clip(seed: int, tiny: bool) -> comfy.sd.CLIP:
+    import comfy.sdxl_clip
+
+    options = {"dtype": torch.float32}
+    if tiny:
+        # SDXL reads the penultimate layer of both encoders, so each needs at least three
+        options.update(clip_l_model_config={**TINY_CLIP, "num_hidden_layers": 3}, clip_g_model_config=TINY_CLIP_G)
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    init_weights(clip.cond_stage_model, seed)
+    with torch.no_grad():
+        for name, param in clip.cond_stage_model.named_parameters():
+            if name.endswith("token_embedding.weight"):
+                param.mul_(5.0)
+    return clip
+
+
+def tiny_sdxl(seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` with SDXL's block structure at tiny widths (70 cross-attention blocks in 11 spatial
+    transformers, CLIP-L + CLIP-G, pooled output and size conditioning through ADM), deterministic per seed."""
+    return _unet(_TinySDXL, TINY_SDXL_UNET, seed + 1), _sdxl_clip(seed + 2, tiny=True), _vae(seed + 3, TINY_VAE)
+
+
+def small_sdxl(seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` that CheckpointLoaderSimple detects as SDXL: SDXL's layout at 320 channels on every level,
+    full CLIP-L and CLIP-G, the full VAE."""
+    return _unet(comfy.supported_models.SDXL, SMALL_SDXL_UNET, seed + 1), _sdxl_clip(seed + 2, tiny=False), _vae(seed + 3, SD_VAE)
+
+
+def sdxl_unet(seed: int = 0, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """The full SDXL base UNet (2.6 B parameters) with random weights (benchmarks; too large for the tests)."""
+    return _unet(comfy.supported_models.SDXL, SDXL_UNET, seed + 1, dtype)
+
+
+def sdxl_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """Full-size SDXL text encoders (CLIP-L and OpenCLIP bigG) with random weights."""
+    return _sdxl_clip(seed + 2, tiny=False)
+
+
+def sdxl_unet_meta():
+    """The full SDXL UNet (2.6 B parameters) on the meta device: every key and shape, no memory."""
+    with torch.device("meta"):
+        config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+        config.set_inference_dtype(torch.float16, None)
+        base = config.get_model({}, device=torch.device("meta"))
+    return _patcher(base)
+
+
 def sd15_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     """The full SD1.5 UNet (860 M parameters) with random weights."""
     return _unet(comfy.supported_models.SD15, SD15_UNET, seed + 1)
@@ -171,21 +264,29 @@ def make_edlora(
     words=("<demo1>", "<demo2>"),
     seed: int = 0,
     rank: int = 4,
-    layers: int = 16,
+    layers: int | None = None,
     lora_scale: float = 0.05,
     name: str = "<memory>",
     identical_layers: bool = False,
 ):
     """An ED-LoRA with LoRA on every attention projection of ``model`` and ``clip`` and random embeddings.
 
-    ``identical_layers`` repeats one vector over all layers (the single-vector special case).
+    ``layers`` defaults to the model's (16 for SD1.x, 11 for SDXL); ``identical_layers`` repeats one vector over all
+    layers (the single-vector special case).
     """
     from mixofshow.edlora.apply import text_embedding_width
+    from mixofshow.edlora.arch import cross_attention_sites, text_encoder_widths
     from mixofshow.edlora.format import EDLoRA, LoRAPair
     from mixofshow.edlora.targets import text_attention_targets, unet_attention_targets
 
     generator = torch.Generator().manual_seed(seed)
     width = text_embedding_width(clip)
+    units = (
+        list(dict.fromkeys(site.unit for site in cross_attention_sites(model.get_model_object("diffusion_model"))))
+        if model
+        else []
+    )
+    layers = layers if layers is not None else (len(units) or 16)
     embeddings = {}
     for word in words:
         if identical_layers:
@@ -208,6 +309,8 @@ def make_edlora(
         unet=pairs(unet_attention_targets(model)) if model is not None else {},
         text_encoder=pairs(text_attention_targets(clip)),
         name=name,
+        encoders=text_encoder_widths(clip),
+        layer_map=units if len(units) == layers else [],
     )
 
 

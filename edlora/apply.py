@@ -19,7 +19,7 @@ import comfy.lora
 import torch
 
 from . import keys as edkeys
-from .arch import layer_count
+from .arch import architecture_name, layer_count, text_encoder_widths
 from .concepts import ConceptEntry, ConceptSet
 from .format import EDLoRA, EDLoRAError, to_kohya_state_dict
 from .loras import lora_patches
@@ -40,8 +40,8 @@ def _resolve(pairs, namer, key_map: dict, state_shapes: dict, what: str, edlora:
         if not delta_fits(got, want):
             raise EDLoRAError(
                 f"'{edlora.name}': the {what} LoRA for '{module}' has shape {list(got)} but the model's weight is "
-                f"{list(want)}. The file is damaged or was trained for a different base architecture (Mix-of-Show "
-                "ED-LoRAs are SD1.x; is this an SDXL or SD2 model?)."
+                f"{list(want)}. The file is damaged or was trained for a different base architecture (an SD1.x file on an "
+                "SDXL model, or the reverse?)."
             )
         to_load[kohya] = model_key
     if unmatched:
@@ -65,19 +65,25 @@ def _state_shapes(module: torch.nn.Module) -> dict[str, tuple]:
 
 
 def text_embedding_width(clip) -> int:
-    """Width of the text encoder's token embeddings (768 for SD1.x CLIP-L)."""
-    for key, shape in _state_shapes(clip.cond_stage_model).items():
-        if key.endswith("token_embedding.weight"):
-            return int(shape[1])
-    raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
+    """Width of a concept vector on this CLIP: its text encoders' token embeddings side by side (768 for SD1.x
+    CLIP-L, 768 + 1280 for SDXL)."""
+    widths = text_encoder_widths(clip)
+    if not widths:
+        raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
+    return sum(widths.values())
 
 
 def token_embedding(clip, token: int) -> torch.Tensor:
-    """A copy of the text encoder's embedding of token id ``token`` (``[width]``, float32)."""
-    for key, tensor in clip.cond_stage_model.state_dict().items():
-        if key.endswith("token_embedding.weight"):
-            return tensor[token].detach().float().clone()
-    raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
+    """The embedding of token id ``token`` in every text encoder, side by side in :data:`.arch.ENCODER_ORDER`
+    (``[width]``, float32), like a concept vector."""
+    state = clip.cond_stage_model.state_dict()
+    parts = [
+        state[f"clip_{name}.transformer.text_model.embeddings.token_embedding.weight"][token]
+        for name in text_encoder_widths(clip)
+    ]
+    if not parts:
+        raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
+    return torch.cat([p.detach().float() for p in parts]).clone()
 
 
 def module_keys(edlora: EDLoRA, model, clip) -> tuple[dict[str, str], dict[str, str]]:
@@ -121,11 +127,17 @@ def check_embeddings_fit(edlora: EDLoRA, model, clip) -> None:
     if not edlora.embeddings:
         return
     if clip is not None:
-        width = text_embedding_width(clip)
-        if edlora.width != width:
+        have, want = edlora.encoder_widths(), text_encoder_widths(clip)
+        if have != want:
+            mine, theirs = architecture_name(have), architecture_name(want)
+            if mine != theirs:
+                raise EDLoRAError(
+                    f"'{edlora.name}' is an {mine} ED-LoRA (text encoders {_widths(have)}) but the connected model is "
+                    f"{theirs} ({_widths(want)}); use it with an {mine} model."
+                )
             raise EDLoRAError(
-                f"'{edlora.name}': concept embeddings are {edlora.width} wide but the connected text "
-                f"encoder uses {width}-wide token embeddings (SD1.x CLIP-L is 768)."
+                f"'{edlora.name}': concept embeddings are {edlora.width} wide ({_widths(have)}) but the connected text "
+                f"encoder uses {sum(want.values())}-wide token embeddings ({_widths(want)}; SD1.x CLIP-L is 768)."
             )
     if model is not None:
         layers = layer_count(model.get_model_object("diffusion_model"))
@@ -148,6 +160,10 @@ def concept_patches(entry: ConceptEntry, model, clip) -> tuple[dict, dict, list[
     fit_to_model(entry.edlora, model, clip)
     unet, text = edlora_patches(entry.edlora, model, clip)
     return unet, text, []
+
+
+def _widths(widths: dict[str, int]) -> str:
+    return " + ".join(f"{name} {width}" for name, width in widths.items()) or "none"
 
 
 def check_concepts_fit(concepts: ConceptSet | None, model, clip) -> None:

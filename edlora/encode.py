@@ -3,7 +3,12 @@
 A prompt without concept words is encoded exactly as core CLIPTextEncode does. A prompt with concept words
 is tokenized once with one-token stand-ins, expanded into one token list per cross-attention layer
 (:func:`.prompt.layer_variants`) and encoded in a single batched text-encoder call; the result is split into
-a ``[1, layers, tokens, width]`` stack (:func:`.routing.layerwise_conditioning`).
+a ``[1, layers, tokens, width]`` stack (:func:`.routing.layerwise_conditioning`). Each text encoder gets its own
+part of a concept vector (SDXL: CLIP-L's 768, then CLIP-G's 1280).
+
+The pooled output (SDXL conditions the whole image on it, through ADM) cannot be routed per layer. It is the
+pooled output of one more copy of the prompt, first in the batch, in which each concept word is the mean of its
+layer vectors: one layer-free vector per word, as the mean of the layer encodings is what unrouted consumers see.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .arch import text_encoder_widths
 from .concepts import ConceptSet
 from .format import EDLoRAError
 from .prompt import MAX_CONCEPT_WORDS, PLACEHOLDER_CANDIDATES, check_known_words, layer_variants, substitute_words
@@ -59,11 +65,12 @@ class LayerwiseTokens:
     """A prompt's token lists with concept words expanded into one copy per cross-attention layer."""
 
     base: dict[str, list[list[tuple]]]  # tokenizer key -> chunks, concept words as their stand-in token ids
-    variants: dict[str, list[list[tuple]]]  # tokenizer key -> layers x chunks, copy-major
+    variants: dict[str, list[list[tuple]]]  # tokenizer key -> (pooled copy +) layers x chunks, copy-major
     layers: int
     chunks: int
     word_of_token: dict[int, str]  # stand-in token id -> the concept word it stands for
     end_tokens: dict[str, int]
+    pooled_copy: bool = False  # variants start with the copy whose pooled output is the prompt's
 
     @property
     def stand_in_tokens(self) -> set[int]:
@@ -87,12 +94,27 @@ def layerwise_tokens(clip, concepts: ConceptSet | None, text: str) -> LayerwiseT
     rest = substitute_words(text, {w: "" for w in words})
     stand_ins = choose_stand_ins(clip, rest, len(words))
     word_to_stand_in = dict(zip(words, stand_ins, strict=True))
-    vectors_by_token = {stand_ins[s]: table[w] for w, s in word_to_stand_in.items()}
     tokens = clip.tokenize(substitute_words(text, word_to_stand_in))
-    variants = {key: layer_variants(chunks, vectors_by_token, layers) for key, chunks in tokens.items()}
+    slices = encoder_slices(clip)
+    variants = {}
+    for key, chunks in tokens.items():
+        part = slices.get(key, slice(None))
+        vectors = {stand_ins[s]: table[w][:, part] for w, s in word_to_stand_in.items()}
+        means = {token: vector.mean(dim=0, keepdim=True) for token, vector in vectors.items()}
+        variants[key] = layer_variants(chunks, means, 1) + layer_variants(chunks, vectors, layers)
     chunks = len(next(iter(tokens.values())))
     word_of_token = {stand_ins[s]: w for w, s in word_to_stand_in.items()}
-    return LayerwiseTokens(tokens, variants, layers, chunks, word_of_token, {key: end_token(clip, key) for key in tokens})
+    end_tokens = {key: end_token(clip, key) for key in tokens}
+    return LayerwiseTokens(tokens, variants, layers, chunks, word_of_token, end_tokens, pooled_copy=True)
+
+
+def encoder_slices(clip) -> dict[str, slice]:
+    """Which columns of a concept vector belong to each text encoder (tokenizer key) of ``clip``."""
+    out, start = {}, 0
+    for name, width in text_encoder_widths(clip).items():
+        out[name] = slice(start, start + width)
+        start += width
+    return out
 
 
 def plain_tokens(clip, text: str) -> LayerwiseTokens:
@@ -103,10 +125,14 @@ def plain_tokens(clip, text: str) -> LayerwiseTokens:
 
 
 def encode_layer_stack(clip, tokens: LayerwiseTokens) -> tuple[torch.Tensor, dict]:
-    """Encode all layer variants in one text-encoder call: ``([1, layers, tokens, width], extra outputs)``."""
+    """Encode all layer variants in one text-encoder call: ``([1, layers, tokens, width], extra outputs)``; the
+    extra outputs' ``pooled_output`` is the pooled copy's (see the module doc)."""
     out = clip.encode_from_tokens(tokens.variants, return_pooled=True, return_dict=True)
     cond = out.pop("cond")
-    stack = cond.reshape(tokens.layers, cond.shape[1] // tokens.layers, cond.shape[2]).unsqueeze(0)
+    copies = tokens.layers + int(tokens.pooled_copy)
+    per_copy = cond.shape[1] // copies
+    cond = cond[:, per_copy * int(tokens.pooled_copy) :]
+    stack = cond.reshape(tokens.layers, per_copy, cond.shape[2]).unsqueeze(0)
     return stack, out
 
 

@@ -5,8 +5,14 @@ Three on-disk forms are understood:
 * the original Mix-of-Show ``.pth`` (``torch.save`` of ``{"params": {"new_concept_embedding", "text_encoder",
   "unet"}}``, with or without the ``params`` wrapper, in either LoRA key spelling, see :mod:`.keys`);
 * this pack's ``.safetensors``: flat tensors ``embedding.<i>``, ``unet.<module>.lora_{down,up}.weight``,
-  ``text_encoder.<module>.lora_{down,up}.weight`` plus JSON metadata naming the concept words in order;
+  ``text_encoder.<module>.lora_{down,up}.weight`` plus JSON metadata naming the concept words in order. Version 2
+  also records the architecture, the text encoders (``[["l", 768], ["g", 1280]]`` for SDXL: a concept vector is their
+  vectors concatenated in that order) and the layer map (which spatial transformer each layer-wise vector serves),
+  so a file is never applied to another architecture silently. Version 1 (SD1.x, one CLIP-L) still reads;
 * export only: a standard kohya-style LoRA (see :func:`to_kohya_state_dict`).
+
+On models with several text encoders the text-encoder modules are named with the encoder first
+(``g.text_model.encoder.layers.0.self_attn.q_proj``); on SD1.x without (as the original writes them).
 
 ``.pth`` files are untrusted pickles and are only ever read with ``torch.load(weights_only=True)``.
 """
@@ -21,11 +27,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import keys as edkeys
+from .arch import architecture_name
 from .errors import ModelFileError
 from .files import atomic_write, check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
 
 FORMAT_NAME = "mixofshow.edlora"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 CONCEPT_WORD_RE = re.compile(r"<[^<>\s]+>")
 
 
@@ -67,6 +75,19 @@ class EDLoRA:
     text_encoder: dict[str, LoRAPair]
     name: str = "<memory>"
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the text encoders a concept vector spans, in order, with their widths; empty: one CLIP-L (SD1.x, as the
+    #: original files are), as wide as the vectors
+    encoders: dict[str, int] = field(default_factory=dict)
+    #: which spatial transformer each layer-wise vector serves, ``[(block name, block id), ...]``; empty: unrecorded
+    layer_map: list[tuple[str, int]] = field(default_factory=list)
+
+    def encoder_widths(self) -> dict[str, int]:
+        """``{encoder: width}`` of its vectors (``{"l": width}`` for files that do not say)."""
+        return dict(self.encoders) if self.encoders else ({"l": self.width} if self.embeddings else {})
+
+    @property
+    def architecture(self) -> str:
+        return architecture_name(self.encoder_widths()) if self.embeddings else "unknown"
 
     @property
     def words(self) -> list[str]:
@@ -110,7 +131,7 @@ def _read_safetensors(path: str, name: str) -> EDLoRA:
     tensors, metadata = read_safetensors(path, name, EDLoRAError)
     if metadata.get("format_name") != FORMAT_NAME:
         raise EDLoRAError(f"'{name}' is a safetensors file but not an ED-LoRA: {_describe_foreign(tensors)}")
-    check_format(metadata, name, FORMAT_NAME, (FORMAT_VERSION,), EDLoRAError)
+    version = check_format(metadata, name, FORMAT_NAME, READABLE_VERSIONS, EDLoRAError)
     try:
         words = json.loads(metadata["concept_words"])
     except (KeyError, json.JSONDecodeError):
@@ -130,10 +151,29 @@ def _read_safetensors(path: str, name: str) -> EDLoRA:
             raise EDLoRAError(f"'{name}': unexpected tensor '{key}' (expected embedding.<i>, unet.* or text_encoder.*).")
         sections[section][rest] = tensor
     state = {"new_concept_embedding": embeddings, **sections}
-    extra = {k: v for k, v in metadata.items() if k not in ("format_name", "format_version", "concept_words")}
+    layout = ("format_name", "format_version", "concept_words", "architecture", "encoders", "layer_map")
+    extra = {k: v for k, v in metadata.items() if k not in layout}
     edlora = edlora_from_state(state, name)
     edlora.metadata = extra
+    if version != "1":
+        edlora.encoders, edlora.layer_map = _read_layout(metadata, name, edlora)
     return edlora
+
+
+def _read_layout(metadata: dict, name: str, edlora: EDLoRA) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """The text encoders and layer map a version-2 file records, checked against its tensors."""
+    try:
+        encoders = {str(n): int(w) for n, w in json.loads(metadata.get("encoders", "[]"))}
+        layer_map = [(str(b), int(i)) for b, i in json.loads(metadata.get("layer_map", "[]"))]
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise EDLoRAError(f"'{name}': metadata 'encoders' or 'layer_map' is malformed; the file is damaged.") from None
+    if encoders and sum(encoders.values()) != edlora.width:
+        raise EDLoRAError(
+            f"'{name}': its text encoders {encoders} add up to {sum(encoders.values())} but its vectors are {edlora.width} wide."
+        )
+    if layer_map and len(layer_map) != edlora.layers:
+        raise EDLoRAError(f"'{name}': its layer map lists {len(layer_map)} layers but it holds {edlora.layers} vectors per word.")
+    return encoders, layer_map
 
 
 def _describe_foreign(keys) -> str:
@@ -250,7 +290,15 @@ def to_safetensors_state(edlora: EDLoRA) -> tuple[dict[str, torch.Tensor], dict[
             tensors[f"{section}.{edkeys.main_branch_key(module, 'down')}"] = pair.down.contiguous()
             tensors[f"{section}.{edkeys.main_branch_key(module, 'up')}"] = pair.up.contiguous()
     metadata = {k: str(v) for k, v in edlora.metadata.items()}
-    metadata.update(format_name=FORMAT_NAME, format_version=FORMAT_VERSION, concept_words=json.dumps(edlora.words))
+    metadata.update(
+        format_name=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        concept_words=json.dumps(edlora.words),
+        architecture=edlora.architecture,
+        encoders=json.dumps([[n, w] for n, w in edlora.encoder_widths().items()]),
+        # a map names what each of the vectors serves; one vector per word serves every layer and needs none
+        layer_map=json.dumps([[b, i] for b, i in edlora.layer_map] if len(edlora.layer_map) == edlora.layers else []),
+    )
     return tensors, metadata
 
 
@@ -277,4 +325,9 @@ def save_edlora(edlora: EDLoRA, path: str, spelling: str = "main") -> str:
     if is_safetensors(path):
         tensors, metadata = to_safetensors_state(edlora)
         return write_safetensors(tensors, metadata, path)
+    if len(edlora.encoder_widths()) > 1:
+        raise EDLoRAError(
+            f"'{os.path.basename(path)}': the original .pth layout holds one text encoder (SD1.x); an {edlora.architecture} "
+            "ED-LoRA is saved as .safetensors."
+        )
     return atomic_write(path, lambda tmp: torch.save(to_original_state(edlora, spelling), tmp))

@@ -51,8 +51,16 @@ def kohya_unet_name(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
+#: kohya's prefix per text encoder on models with two (SDXL: ``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G)
+KOHYA_TEXT_PREFIX = {"l": "lora_te1_", "g": "lora_te2_"}
+
+
 def kohya_text_name(module: str) -> str:
-    """``text_model.encoder.layers.0.self_attn.q_proj`` -> ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``."""
+    """``text_model.encoder.layers.0.self_attn.q_proj`` -> ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``;
+    with an encoder first (``g.text_model...``, SDXL) -> ``lora_te2_text_model_...``."""
+    encoder, _, rest = module.partition(".")
+    if encoder in KOHYA_TEXT_PREFIX and rest.startswith("text_model."):
+        return KOHYA_TEXT_PREFIX[encoder] + rest.replace(".", "_")
     return "lora_te_" + module.replace(".", "_")
 
 

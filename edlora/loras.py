@@ -19,6 +19,7 @@ import comfy.lora
 import comfy.lora_convert
 import torch
 
+from .arch import architecture_name, text_encoder_widths
 from .errors import ModelFileError
 from .files import is_safetensors, read_safetensors, read_torch
 
@@ -151,4 +152,47 @@ def lora_patches(lora: LoRAFile, model, clip) -> LoRAPatches:
             f"'{lora.name}' does not fit the connected model: none of its {len(lora.tensors)} tensors matches a layer "
             f"(first keys: {first}). It was made for another architecture (an SDXL LoRA on an SD1.x model, or the reverse?)."
         )
+    _check_patch_shapes(lora, model, clip, {**unet, **text})
     return LoRAPatches(unet, text, unused)
+
+
+def _check_patch_shapes(lora: LoRAFile, model, clip, patches: dict) -> None:
+    """Refuse a file some of whose patches cannot produce their weight's shape.
+
+    Names alone do not tell architectures apart: SD1.x and SDXL share kohya names for many layers (and CLIP-L
+    entirely), so an SD1.x LoRA on SDXL fits most names but not the 2048-wide cross-attention keys and values, where
+    ComfyUI would log an error and leave the weight alone. Each patch is computed once, by ComfyUI, on a weight of the
+    right shape on the meta device (no memory, no arithmetic); a failure there is confirmed on the real weight, since
+    an adapter may not support the meta device."""
+    shapes = {}
+    for module in (model.model if model is not None else None, clip.cond_stage_model if clip is not None else None):
+        if module is not None:
+            shapes.update(module.state_dict())
+    for key, patch in patches.items():
+        if isinstance(key, tuple):  # a patch on a slice of a fused weight (not used by SD1.x/SDXL key maps)
+            continue
+        name = key
+        weight = shapes[name]
+        if _patch_problem(patch, torch.empty(weight.shape, device="meta"), name) is None:
+            continue
+        problem = _patch_problem(patch, weight.detach().float().clone(), name)
+        if problem is not None:
+            connected = architecture_name(text_encoder_widths(clip)) if clip is not None else "connected"
+            raise LoRAFileError(
+                f"'{lora.name}' does not fit the {connected} model: its patch for '{name}' cannot make a weight of shape "
+                f"{list(weight.shape)} ({problem}). It was made for another architecture (an SD1.x LoRA on an SDXL "
+                "model, or the reverse?) or is damaged."
+            )
+
+
+def _patch_problem(patch, weight: torch.Tensor, key: str) -> str | None:
+    """What ComfyUI reports when it computes ``patch`` onto ``weight`` (None: it fits)."""
+    with comfy_warnings() as messages:
+        try:
+            out = comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], weight, key)
+        except Exception as exc:  # an adapter that raises instead of logging
+            return f"{type(exc).__name__}: {exc}"
+    problem = next((m for m in messages if key in m or "ERROR" in m), None)
+    if problem is None and tuple(out.shape) != tuple(weight.shape):
+        problem = f"it gives shape {list(out.shape)}"
+    return problem

@@ -1,7 +1,7 @@
 """The Linear layers an ED-LoRA adapts on a ComfyUI model: names in the file, keys in ComfyUI, shapes.
 
 Mix-of-Show puts a LoRA on q/k/v/out of every UNet attention (self and cross, all transformer blocks) and of every
-CLIP self-attention (reference section 1.4). Files name them by their diffusers paths; ComfyUI keeps the weights
+CLIP self-attention (reference section 1.4); on SDXL, of both text encoders. Files name them by their diffusers paths; ComfyUI keeps the weights
 under its own keys. Both lists are built from ComfyUI's own key maps, so whatever is trained here loads back
 through :func:`.apply.module_keys` exactly.
 """
@@ -15,6 +15,7 @@ import comfy.lora
 import comfy.utils
 
 from . import keys as edkeys
+from .arch import ENCODER_ORDER
 from .format import EDLoRAError
 
 _TEXT_ATTENTION_RE = re.compile(
@@ -52,15 +53,18 @@ def unet_attention_targets(model) -> list[Target]:
             continue
         out.append(Target(module, f"diffusion_model.{ldm_key}", shapes[ldm_key]))
     if not out:
-        raise EDLoRAError("The connected MODEL has no UNet attention layers that an ED-LoRA can adapt (is it an SD1.x UNet?).")
+        raise EDLoRAError(
+            "The connected MODEL has no UNet attention layers that an ED-LoRA can adapt (is it an SD1.x or SDXL UNet?)."
+        )
     return sorted(out, key=lambda t: t.name)
 
 
 def text_attention_targets(clip) -> list[Target]:
-    """Every self-attention projection of the CLIP text encoder, in layer order (q, k, v, out per layer).
+    """Every self-attention projection of every text encoder of the CLIP, encoder by encoder in
+    :data:`.arch.ENCODER_ORDER`, in layer order (q, k, v, out per layer).
 
-    ED-LoRA files hold one text encoder; a CLIP object with several (SDXL, SD3) is refused.
-    """
+    With one encoder (SD1.x) the names are the original's (``text_model.encoder.layers.0.self_attn.q_proj``); with
+    several (SDXL) each starts with its encoder (``l.text_model...``, ``g.text_model...``)."""
     state = clip.cond_stage_model.state_dict()
     found: dict[str, list[tuple[int, int, str, str]]] = {}
     order = {p: i for i, p in enumerate(("q", "k", "v", "out"))}
@@ -68,14 +72,15 @@ def text_attention_targets(clip) -> list[Target]:
         match = _TEXT_ATTENTION_RE.match(key)
         if match:
             prefix, name, layer, proj = match.groups()
-            found.setdefault(prefix, []).append((int(layer), order[proj], name, key))
-    if len(found) != 1:
-        what = "no CLIP self-attention layers" if not found else f"{len(found)} text encoders ({', '.join(sorted(found))})"
-        raise EDLoRAError(f"ED-LoRAs adapt one CLIP text encoder (SD1.x CLIP-L), but the connected CLIP has {what}.")
+            found.setdefault(prefix.removeprefix("clip_"), []).append((int(layer), order[proj], name, key))
+    if not found:
+        raise EDLoRAError("The connected CLIP has no CLIP self-attention layers an ED-LoRA can adapt.")
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     out = []
-    for _, _, name, key in sorted(next(iter(found.values()))):
-        if key_map.get(edkeys.kohya_text_name(name)) != key:
-            raise EDLoRAError(f"ComfyUI has no LoRA key for the text-encoder layer '{name}'; this CLIP is not supported.")
-        out.append(Target(name, key, tuple(state[key].shape)))
+    for encoder in [n for n in ENCODER_ORDER if n in found] + sorted(set(found) - set(ENCODER_ORDER)):
+        for _, _, name, key in sorted(found[encoder]):
+            module = name if len(found) == 1 else f"{encoder}.{name}"
+            if key_map.get(edkeys.kohya_text_name(module)) != key:
+                raise EDLoRAError(f"ComfyUI has no LoRA key for the text-encoder layer '{module}'; this CLIP is not supported.")
+            out.append(Target(module, key, tuple(state[key].shape)))
     return out

@@ -23,6 +23,7 @@ import re
 import torch
 
 from ..edlora.apply import check_embeddings_fit
+from ..edlora.arch import architecture_name, require_supported, text_encoder_widths
 from ..edlora.concepts import ConceptEntry, ConceptSet
 from ..edlora.errors import ModelFileError
 from ..edlora.files import check_format, is_safetensors, read_safetensors, read_torch, write_safetensors
@@ -31,7 +32,8 @@ from .results import FusedModel, StageReport
 from .stats import FusionStats
 
 FORMAT_NAME = "mixofshow.fused"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: records the base's text encoders (architecture); 1 (SD1.x only) still reads
+READABLE_VERSIONS = ("1", "2")
 
 
 class FusedFileError(ModelFileError):
@@ -98,6 +100,8 @@ def save_fused(
         "stage_reports": json.dumps({k: vars(v) for k, v in fused.stage_reports.items()}),
         "layer_methods": json.dumps(fused.layer_methods),
         "notes": json.dumps(fused.notes),
+        "architecture": fused.architecture,
+        "encoders": json.dumps([[n, w] for n, w in fused.encoders.items()]),
     }
     return write_safetensors(tensors, metadata, path)
 
@@ -117,8 +121,12 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
     tensors, metadata = read_safetensors(path, name, FusedFileError)
     if metadata.get("format_name") != FORMAT_NAME:
         raise FusedFileError(f"'{name}' is not a Mix-of-Show fused bundle (an ED-LoRA goes to MoS ED-LoRA Loader).")
-    check_format(metadata, name, FORMAT_NAME, (FORMAT_VERSION,), FusedFileError)
+    check_format(metadata, name, FORMAT_NAME, READABLE_VERSIONS, FusedFileError)
     words = _metadata_json(metadata, "concept_words", None, list, name)
+    try:
+        encoders = {str(n): int(w) for n, w in _metadata_json(metadata, "encoders", [], list, name)}
+    except (TypeError, ValueError):
+        raise FusedFileError(f"'{name}': metadata 'encoders' is malformed; the file is damaged.") from None
     embeddings = {}
     for i, word in enumerate(words):
         key = f"embedding.{i}"
@@ -126,7 +134,7 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
             raise FusedFileError(f"'{name}': concept word {word!r} has no tensor '{key}'; the file is damaged.")
         embeddings[word] = tensors[key]
     embeddings = _checked(lambda: validate_embeddings(embeddings, name))
-    concepts = _concept_set(_metadata_json(metadata, "concepts", [], list, name), embeddings, name)
+    concepts = _concept_set(_metadata_json(metadata, "concepts", [], list, name), embeddings, name, encoders)
     sections: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
     for key, tensor in tensors.items():
         prefix, _, rest = key.partition(".")
@@ -156,6 +164,7 @@ def load_fused(path: str, base_weights_fn=None) -> FusedModel:
         base_fingerprint=metadata.get("base_fingerprint", ""),
         layer_methods=_metadata_json(metadata, "layer_methods", {}, dict, name),
         notes=_metadata_json(metadata, "notes", [], list, name),
+        encoders=encoders,
     )
 
 
@@ -185,7 +194,7 @@ def _checked(build):
         raise FusedFileError(str(exc)) from None
 
 
-def _concept_set(meta: list, embeddings: dict[str, torch.Tensor], name: str) -> ConceptSet:
+def _concept_set(meta: list, embeddings: dict[str, torch.Tensor], name: str, encoders: dict[str, int]) -> ConceptSet:
     concepts = ConceptSet()
     assigned = set()
     try:
@@ -194,7 +203,7 @@ def _concept_set(meta: list, embeddings: dict[str, torch.Tensor], name: str) -> 
                 raise FusedFileError(f"'{name}': metadata 'concepts' holds {entry!r}, not a concept with its words.")
             words = [w for w in entry["words"] if w in embeddings]
             assigned.update(words)
-            edlora = EDLoRA({w: embeddings[w] for w in words}, {}, {}, name=str(entry.get("source", name)))
+            edlora = EDLoRA({w: embeddings[w] for w in words}, {}, {}, name=str(entry.get("source", name)), encoders=encoders)
             try:
                 strengths = float(entry.get("unet_strength", 1.0)), float(entry.get("text_encoder_strength", 1.0))
             except (TypeError, ValueError):
@@ -204,7 +213,9 @@ def _concept_set(meta: list, embeddings: dict[str, torch.Tensor], name: str) -> 
                 raise FusedFileError(f"'{name}': metadata 'concepts' has prompts that are not a list of text.")
             concepts = concepts.add(ConceptEntry(edlora, *strengths, prompts=tuple(prompts)))
         for stem_words in _group_by_stem([w for w in embeddings if w not in assigned]):
-            concepts = concepts.add(ConceptEntry(EDLoRA({w: embeddings[w] for w in stem_words}, {}, {}, name=name)))
+            concepts = concepts.add(
+                ConceptEntry(EDLoRA({w: embeddings[w] for w in stem_words}, {}, {}, name=name, encoders=encoders))
+            )
     except EDLoRAError as exc:
         raise FusedFileError(str(exc)) from None
     return concepts
@@ -325,7 +336,7 @@ def _from_full_weights(unet: dict, text: dict, embeddings: dict, base_weights_fn
     for key, value in unet.items():
         model_key = unet_map.get(key)
         if model_key is None:
-            raise FusedFileError(f"'{name}': UNet weight '{key}' does not exist in the connected model (not SD1.x?).")
+            raise FusedFileError(f"'{name}': UNet weight '{key}' does not exist in the connected model (another architecture?).")
         mapped_unet[model_key] = value
     for key, value in text.items():
         clip_key = text_map.get(key)
@@ -349,6 +360,13 @@ def _from_full_weights(unet: dict, text: dict, embeddings: dict, base_weights_fn
 
 def check_fits(fused: FusedModel, model, clip, name: str) -> None:
     """Refuse a fused model whose weights or concept embeddings do not fit the connected MODEL/CLIP, by name."""
+    require_supported(model, clip, "MoS Load Fused")
+    connected = architecture_name(text_encoder_widths(clip))
+    if fused.architecture != connected:
+        raise FusedFileError(
+            f"'{name}' was fused on an {fused.architecture} model but the connected model is {connected}; load it onto "
+            f"the {fused.architecture} base it was made on."
+        )
     for table, diffs in ((model.model.state_dict(), fused.unet_diffs), (clip.cond_stage_model.state_dict(), fused.text_diffs)):
         for key, diff in diffs.items():
             if key not in table or tuple(table[key].shape) != tuple(diff.shape):

@@ -62,7 +62,8 @@ class GramCapture:
     """Context manager: hooks ``root``'s modules named by ``keys`` (weight keys relative to ``root``).
 
     ``row_mask`` (set by the caller before each forward, ``[batch, tokens]`` bool) selects which rows count; None
-    means every row. Rows are multiplied in ``compute_dtype`` on ``device`` and summed in float64.
+    means every row. A dict of masks by key prefix (``{"clip_l.": ..., "clip_g.": ...}``) serves models whose text
+    encoders see different token lists. Rows are multiplied in ``compute_dtype`` on ``device`` and summed in float64.
     """
 
     def __init__(self, root: torch.nn.Module, keys: list[str], device, compute_dtype=torch.float32, prefix: str = ""):
@@ -114,8 +115,11 @@ class GramCapture:
                 return None
             self._last_input[group] = x
             rows = x.detach()
-            if self.row_mask is not None:
-                mask = self.row_mask.to(rows.device)
+            mask = self.row_mask
+            if isinstance(mask, dict):
+                mask = next((m for prefix, m in mask.items() if key.startswith(prefix)), None)
+            if mask is not None:
+                mask = mask.to(rows.device)
                 if rows.shape[:-1] != mask.shape:
                     raise FusionCaptureError(f"row mask {tuple(mask.shape)} does not fit input {tuple(rows.shape)} of '{key}'")
                 rows = rows[mask]

@@ -49,8 +49,11 @@ def lora_names(model, clip) -> dict[str, str]:
             if dkey.endswith(".weight") and f"diffusion_model.{ldm}" in names:
                 names[f"diffusion_model.{ldm}"] = "lora_unet_" + dkey[: -len(".weight")].replace(".", "_")
     if clip is not None:
-        preferred = ("lora_te_", "lora_te1_", "lora_te2_")
-        for name, key in sorted(comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items()):
+        clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        # SDXL LoRAs name CLIP-L lora_te1_ and CLIP-G lora_te2_ (core maps lora_te_ onto CLIP-L too); SD1.x: lora_te_
+        two_encoders = any(name.startswith("lora_te2_") for name in clip_map)
+        preferred = ("lora_te1_", "lora_te2_", "lora_te_") if two_encoders else ("lora_te_", "lora_te1_", "lora_te2_")
+        for name, key in sorted(clip_map.items()):
             if isinstance(key, str) and name.startswith(preferred):
                 current = names.get(key)
                 if current is None or preferred.index(_prefix(name)) < preferred.index(_prefix(current)):

@@ -14,6 +14,7 @@ import logging
 import comfy.utils
 import torch
 
+from ..edlora.arch import require_supported, text_encoder_widths
 from ..edlora.concepts import ConceptSet
 from .drift import identity_drift
 from .plan import WEIGHT, LayerPlan
@@ -97,6 +98,7 @@ def gradient_fusion(
         base_fingerprint=run.base_fingerprint,
         layer_methods={key: _method(plan) for key, plan in run.plans.items()},
         notes=notes,
+        encoders=text_encoder_widths(clip),
     )
     if measure_drift:
         fused.drift = identity_drift(model, clip, fused)
@@ -109,6 +111,7 @@ def weight_fusion(
 ) -> FusedModel:
     """The paper's baseline (Eq. 2): ``W0 + sum_i w_i (W_i - W0)`` with ``sum_i w_i = 1`` (equal weights by default),
     ``W_i`` being what ComfyUI computes for concept *i*'s file at its strength."""
+    require_supported(model, clip, "MoS Weight Fusion")
     members = fusion_concepts(concepts, model, clip)
     weights = list(weights) if weights else [1.0] * len(members)
     if len(weights) != len(members):
@@ -138,6 +141,7 @@ def weight_fusion(
         base_fingerprint=digest.hexdigest(),
         layer_methods={key: WEIGHT for key in keys},
         notes=concept_notes(members),
+        encoders=text_encoder_widths(clip),
     )
     if measure_drift:
         fused.drift = identity_drift(model, clip, fused)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..edlora.arch import architecture_name
 from ..edlora.concepts import ConceptSet
 from ..edlora.errors import MixOfShowError
 from ..edlora.routing import install_layer_routing
@@ -29,7 +30,7 @@ class FusionSettings:
     text_encoder_iters: int = 500
     unet_iters: int = 50
     sample_steps: int = 20
-    sample_resolution: int = 512
+    sample_resolution: int = 0  # 0: the model's own (512 SD1.x, 1024 SDXL)
     seed: int = 0
     solver: str = "lbfgs"
     device: str = "auto"
@@ -82,6 +83,13 @@ class FusedModel:
     base_fingerprint: str = ""
     layer_methods: dict[str, str] = field(default_factory=dict)  # weight key -> how it was fused (and why)
     notes: list[str] = field(default_factory=list)  # what the user should know: unused file keys, duplicate prompts
+    #: the base's text encoders and widths (``{"l": 768, "g": 1280}`` for SDXL); empty: unrecorded (SD1.x bundles
+    #: written before version 2)
+    encoders: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return architecture_name(self.encoders) if self.encoders else "SD1.x"
 
     def apply(self, model, clip):
         """Clones of ``model``/``clip`` with the fused weights as diff patches and layer routing installed."""

@@ -27,7 +27,7 @@ import comfy.utils
 import torch
 
 from ..edlora.apply import concept_patches
-from ..edlora.arch import cross_attention_sites, layer_of_site, text_encoder_names
+from ..edlora.arch import cross_attention_sites, layer_of_site, native_resolution, require_supported, text_encoder_names
 from ..edlora.concepts import ConceptEntry, ConceptSet
 from ..edlora.encode import LayerwiseTokens, encode_layer_stack, encode_prompt, layerwise_tokens, plain_tokens
 from ..edlora.errors import ModelFileError, derived_seed
@@ -222,11 +222,9 @@ def start_run(model, clip, concepts: ConceptSet, settings: FusionSettings, previ
         raise FusionError(f"unknown solver {settings.solver!r}; choose one of {', '.join(SOLVERS)}.")
     if settings.token_positions not in ("padded", "original"):
         raise FusionError(f"unknown token_positions {settings.token_positions!r}; choose 'padded' or 'original'.")
-    encoders = text_encoder_names(clip)
-    if len(encoders) != 1:
-        raise FusionError(
-            f"Gradient fusion supports one text encoder (SD1.x CLIP-L); this CLIP has {len(encoders)} ({', '.join(encoders)})."
-        )
+    if 0 < settings.sample_resolution < 64:
+        raise FusionError(f"sample_resolution {settings.sample_resolution}: use 0 (the model's own) or at least 64 pixels.")
+    require_supported(model, clip, "MoS Gradient Fusion")
     device = resolve_device(settings.device)
     members = fusion_concepts(concepts, model, clip)
     keys = sorted(set().union(*(c.patched_keys() for c in members)))
@@ -275,7 +273,6 @@ def text_encoder_stage(run: FusionRun) -> FusionStats:
     """Statistics of every fused text-encoder layer from each concept's own CLIP on its prompts."""
     stats = FusionStats()
     keys = run.keys("text_encoder")
-    (encoder,) = text_encoder_names(run.clip)
     for concept in run.members:
         if concept.name in run.skip or not keys:
             run.step()
@@ -284,13 +281,15 @@ def text_encoder_stage(run: FusionRun) -> FusionStats:
         with GramCapture(run.clip.cond_stage_model, keys, run.device) as capture:
             for prompt in concept.entry.text_prompts():
                 tokens = concept_tokens(clip_i, run.concepts, prompt)
-                variants = tokens.variants[encoder]
-                mask = torch.zeros(len(variants), len(variants[0]), dtype=torch.bool)
-                for row in range(mask.shape[0]):
-                    chunk = tokens.base[encoder][row % tokens.chunks]
-                    last = _first_end(chunk, tokens.end_tokens[encoder]) if run.original_positions else len(chunk) - 1
-                    mask[row, : last + 1] = True
-                capture.row_mask = mask
+                masks = {}
+                for encoder, variants in tokens.variants.items():  # each text encoder sees its own token lists
+                    mask = torch.zeros(len(variants), len(variants[0]), dtype=torch.bool)
+                    for row in range(mask.shape[0]):
+                        chunk = tokens.base[encoder][row % tokens.chunks]
+                        last = _first_end(chunk, tokens.end_tokens[encoder]) if run.original_positions else len(chunk) - 1
+                        mask[row, : last + 1] = True
+                    masks[f"clip_{encoder}."] = mask
+                capture.row_mask = masks
                 encode_layer_stack(clip_i, tokens)
             groups = capture.reset()
         run.fold(stats, concept, groups, keys)
@@ -304,7 +303,7 @@ def cross_attention_stage(run: FusionRun, clip_fused) -> FusionStats:
     sites = cross_attention_sites(run.model.get_model_object("diffusion_model"))
     layer_of = layer_of_site(sites)
     layer_of_key = {f"diffusion_model.{s.path}.{proj}.weight": layer_of[s.key] for s in sites for proj in ("to_k", "to_v")}
-    (encoder,) = text_encoder_names(clip_fused)
+    encoder = text_encoder_names(clip_fused)[-1]  # every encoder tokenizes alike: its positions serve all
     stats = FusionStats()
     for concept in run.members:
         if concept.name in run.skip or not keys:
@@ -341,7 +340,7 @@ def spatial_stage(run: FusionRun, clip_fused, kv_diffs: dict[str, torch.Tensor])
     """Statistics of every other fused UNet layer, recorded while each concept samples its prompts alone."""
     settings = run.settings
     keys = run.keys("unet_spatial")
-    latent_side = max(settings.sample_resolution // 8, 1)
+    latent_side = max((settings.sample_resolution or native_resolution(run.model)) // 8, 1)
     stats = FusionStats()
     for index, concept in enumerate(run.members):
         prompts = concept.entry.sample_prompts()

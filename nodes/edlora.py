@@ -41,7 +41,7 @@ class EDLoRALoader(MoSNode):
                 "CONCEPTS for MoS Text Encode. Chain loaders to use several concepts."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x model to patch (the input itself is never modified)."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL-family model to patch (the input itself is never modified)."),
                 io.Clip.Input("clip", tooltip="The matching CLIP text encoder."),
                 io.Combo.Input(
                     "edlora_name",
@@ -81,6 +81,7 @@ class EDLoRALoader(MoSNode):
 
     @classmethod
     def execute(cls, model, clip, edlora_name, unet_strength, text_encoder_strength, concepts=None) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         edlora = load_edlora(edlora_path(edlora_name), name=edlora_name)
         new_model, new_clip, new_concepts = load_edlora_into(model, clip, edlora, unet_strength, text_encoder_strength, concepts)
         log.info(
@@ -125,6 +126,7 @@ class TextEncode(MoSNode):
     def execute(cls, clip, text, concepts=None) -> io.NodeOutput:
         if clip is None:
             raise EDLoRAError("MoS Text Encode: the clip input is empty; connect the CLIP output of a loader.")
+        cls.require_supported(clip=clip)
         check_concepts_fit(concepts, None, clip)
         return io.NodeOutput(encode_prompt(clip, concepts or ConceptSet(), text))
 

@@ -240,11 +240,12 @@ class GradientFusion(MoSNode):
                 ),
                 io.Int.Input(
                     "sample_resolution",
-                    default=512,
-                    min=64,
+                    default=FusionSettings.sample_resolution,
+                    min=0,
                     max=2048,
                     step=8,
-                    tooltip="Resolution of the per-concept sample whose UNet features are recorded.",
+                    tooltip="Resolution of the per-concept sample whose UNet features are recorded. 0: the model's own, "
+                    "512 for SD1.x and 1024 for SDXL.",
                 ),
                 io.Int.Input(
                     "seed",
@@ -326,6 +327,7 @@ class GradientFusion(MoSNode):
         conv_layers="weight",
         previous=None,
     ) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         settings = FusionSettings(
             text_encoder_iters=text_encoder_iters,
             unet_iters=unet_iters,
@@ -367,6 +369,7 @@ class WeightFusion(MoSNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, weights, measure_drift) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         values = None
         if weights.strip():
             try:
@@ -414,6 +417,7 @@ class SaveFused(MoSNode):
 
     @classmethod
     def execute(cls, fused, model, clip, filename, storage, include_statistics, overwrite) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         path = output_path(FUSED_FOLDER, filename, ".safetensors", overwrite, "MoS Save Fused filename", FusedFileError)
         base = BaseWeights(model, clip)
         keys = sorted({*fused.unet_diffs, *fused.text_diffs})
@@ -465,6 +469,7 @@ class LoadFused(MoSNode):
 
     @classmethod
     def execute(cls, model, clip, fused_name) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         path = model_path(FUSED_FOLDER, fused_name, "Fused model", FusedFileError)
         fused = load_fused(path, BaseWeights(model, clip))
         check_fits(fused, model, clip, fused_name)
@@ -506,6 +511,7 @@ class ExportFusedLoRA(MoSNode):
 
     @classmethod
     def execute(cls, fused, model, clip, filename, rank, overwrite) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         path = output_path("loras", filename, ".safetensors", overwrite, "MoS Export Fused LoRA filename", FusedFileError)
         keys = sorted({*fused.unet_diffs, *fused.text_diffs})
         if fused.base_fingerprint and fingerprint(BaseWeights(model, clip)(keys)) != fused.base_fingerprint:

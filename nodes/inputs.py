@@ -19,6 +19,7 @@ import math
 
 from comfy_api.latest import io
 
+from ..edlora.arch import require_supported
 from ..edlora.errors import MixOfShowError
 
 
@@ -112,6 +113,12 @@ class MoSNode(io.ComfyNode):
 
     #: widget name -> models folder, for combo inputs that list files (better messages)
     FILE_INPUTS: dict[str, str] = {}
+
+    @classmethod
+    def require_supported(cls, model=None, clip=None) -> None:
+        """Refuse, naming this node, a MODEL or CLIP of a family the pack does not handle (Flux, SD3...)."""
+        schema = cls.define_schema()
+        require_supported(model, clip, schema.display_name or schema.node_id)
 
     @classmethod
     def validate_inputs(cls, **values):

@@ -142,6 +142,7 @@ class RegionalConditioning(MoSNode):
 
     @classmethod
     def execute(cls, model, clip, prompt, negative, regions, concepts=None) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         return io.NodeOutput(*regional_conditioning(model, clip, prompt, negative, tuple(regions or ()), concepts))
 
 
@@ -214,6 +215,7 @@ class RegionalControlStrengthNode(MoSNode):
 
     @classmethod
     def execute(cls, model, region_weights, width, height, base_strength) -> io.NodeOutput:
+        cls.require_supported(model)
         notes: list[str] = []
         boxes = parse_region_weights(region_weights, width, height, notes)
         for note in notes:

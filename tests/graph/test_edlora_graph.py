@@ -111,7 +111,9 @@ def test_embedding_width_and_layer_count_mismatch(tiny, edloras_dir):
     edlora = make_edlora(model, clip, seed=4, name="wide.pth")
     edlora.embeddings = {w: torch.zeros(16, 768) for w in edlora.words}
     save_edlora(edlora, str(edloras_dir / "wide.pth"))
-    with pytest.raises(EDLoRAError, match="'wide.pth': concept embeddings are 768 wide but the connected text encoder uses 64"):
+    with pytest.raises(
+        EDLoRAError, match=r"'wide.pth': concept embeddings are 768 wide \(l 768\) but the connected text encoder uses 64"
+    ):
         load(model, clip, "wide.pth")
     edlora.embeddings = {w: torch.zeros(10, 64) for w in edlora.words}
     save_edlora(edlora, str(edloras_dir / "layers.pth"))

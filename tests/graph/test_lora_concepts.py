@@ -163,7 +163,8 @@ def test_bad_lora_files_are_named(tiny, edloras_dir):
     stack = concept("wide.safetensors", "photo of zorb").args[0]
     with pytest.raises(
         ModelFileError,
-        match=r"'wide.safetensors': its patch for 'clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight' does not fit",
+        match=r"'wide.safetensors' does not fit the SD1.x model: its patch for "
+        r"'clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight' cannot make a weight of shape \[64, 64\]",
     ):
         weight_fusion(model, clip, stack, measure_drift=False)
     nan = make_lora(model, clip, scope="attention", seed=7)[0]
