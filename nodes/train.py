@@ -9,11 +9,13 @@ import os
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
 from ..edlora.apply import load_edlora_into
-from ..edlora.format import EDLoRAError, save_edlora
+from ..edlora.arch import architecture_name, native_resolution, text_encoder_widths
+from ..edlora.format import EDLoRAError, load_edlora, save_edlora
 from ..training.data import (
     DEFAULT_TEMPLATE,
     expand_captions,
@@ -22,14 +24,17 @@ from ..training.data import (
     read_image_folder,
     training_files,
 )
-from ..training.loop import TrainingData, TrainSettings, encode_training_latents, train_edlora
-from .files import output_path
+from ..training.loop import Preview, TrainingData, TrainSettings, check_resumable, encode_training_latents, train_edlora
+from .edlora import edlora_path
+from .files import file_fingerprint, output_path
 from .inputs import MoSNode
 from .types import Concepts
 
 log = logging.getLogger("mixofshow")
 
 SAMPLING_STRENGTH = 0.7
+#: resume_from's value for "start a new ED-LoRA"
+NO_RESUME = "(none)"
 #: The widget defaults of MoS Train ED-LoRA (the original recipe).
 DEFAULTS = TrainSettings()
 
@@ -75,7 +80,13 @@ class LoadTrainingImages(MoSNode):
                     "outside it are refused, as core Load Image does; link a dataset into input/ to use it.",
                 ),
                 io.Int.Input(
-                    "resolution", default=512, min=64, max=2048, step=64, tooltip="Side of the square crops (512 for SD1.x)."
+                    "resolution",
+                    default=512,
+                    min=64,
+                    max=2048,
+                    step=64,
+                    tooltip="Side of the square crops: 512 for SD1.x, 1024 for SDXL (images "
+                    "smaller than this on their short side are refused).",
                 ),
             ],
             outputs=[
@@ -104,7 +115,7 @@ class LoadTrainingImages(MoSNode):
     @classmethod
     def execute(cls, folder, resolution) -> io.NodeOutput:
         names, images, masks, captions = read_image_folder(training_folder(folder))
-        cropped, cropped_masks = prepare_images(images, masks, resolution)
+        cropped, cropped_masks = prepare_images(images, masks, resolution, names=[f"'{name}'" for name in names])
         if cropped_masks is None:
             cropped_masks = torch.ones(cropped.shape[:3])
         log.info(
@@ -118,6 +129,8 @@ class LoadTrainingImages(MoSNode):
 
 
 class TrainEDLoRA(MoSNode):
+    FILE_INPUTS = {"resume_from": "edloras"}
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -125,13 +138,14 @@ class TrainEDLoRA(MoSNode):
             display_name="MoS Train ED-LoRA",
             category="mixofshow/training",
             description=(
-                "Single-client tuning (Mix-of-Show 3.3.1): learns one concept from a few images as an ED-LoRA, i.e. 16 "
-                "layer-wise vectors per concept word plus a rank-4 LoRA on every text-encoder and UNet attention. Saves it "
-                "to models/edloras (loader, fusion and the original tools read it) and returns the model patched with it "
-                "at strength 0.7 for sampling right away. Defaults are the original recipe; needs a GPU for real use."
+                "Single-client tuning (Mix-of-Show 3.3.1): learns one concept from a few images as an ED-LoRA, i.e. "
+                "layer-wise vectors per concept word (16 on SD1.x, 11 on SDXL) plus a rank-4 LoRA on every text-encoder "
+                "and UNet attention. Saves it to models/edloras (loader, fusion and the original tools read it), shows "
+                "samples of the concept while it trains, and returns the model patched with it at strength 0.7 for "
+                "sampling right away. Defaults are the original recipe; needs a GPU for real use."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x base model (never modified)."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL-family base model (never modified)."),
                 io.Clip.Input("clip", tooltip="Its CLIP text encoder."),
                 io.Vae.Input("vae", tooltip="Its VAE, to encode the training images."),
                 io.Image.Input(
@@ -164,7 +178,15 @@ class TrainEDLoRA(MoSNode):
                 io.String.Input(
                     "caption_template", default=DEFAULT_TEMPLATE, tooltip="Used where a caption is missing; must contain <TOK>."
                 ),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Training resolution (square)."),
+                io.Int.Input(
+                    "resolution",
+                    default=0,
+                    min=0,
+                    max=2048,
+                    step=64,
+                    tooltip="Training resolution (square). 0: the model's own, 512 for SD1.x and 1024 for SDXL. Images "
+                    "smaller than it on their short side are refused.",
+                ),
                 io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=128, tooltip="LoRA rank (4 in Mix-of-Show)."),
                 io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=100000, tooltip="Optimiser steps."),
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64, tooltip="Images per step."),
@@ -232,8 +254,30 @@ class TrainEDLoRA(MoSNode):
                     tooltip="Recompute UNet blocks in the backward pass: much less memory (for 8-12 GB GPUs), about a third slower.",
                 ),
                 io.String.Input("filename", default="my_concept", tooltip="File name in models/edloras (without extension)."),
-                io.Boolean.Input("save_pth", default=False, tooltip="Also write the original Mix-of-Show .pth layout."),
+                io.Boolean.Input(
+                    "save_pth",
+                    default=False,
+                    tooltip="Also write the original Mix-of-Show .pth layout (SD1.x only: it holds one text encoder).",
+                ),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace existing files of that name."),
+                # appended after the first release, optional so that saved API prompts without them keep running
+                io.Int.Input(
+                    "preview_every",
+                    default=100,
+                    min=0,
+                    max=100000,
+                    optional=True,
+                    tooltip="Sample the concept (caption template, 12 Euler steps, seed 0) every this many steps and show "
+                    "it on the node above the loss curve, and once at the end (0: loss curve only).",
+                ),
+                io.Combo.Input(
+                    "resume_from",
+                    options=[NO_RESUME, *folder_paths.get_filename_list("edloras")],
+                    default=NO_RESUME,
+                    optional=True,
+                    tooltip="Continue training this ED-LoRA from models/edloras (its words, rank and vectors; a fresh "
+                    "optimiser and learning-rate schedule over 'steps' more steps) instead of starting anew.",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -245,6 +289,10 @@ class TrainEDLoRA(MoSNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, resume_from=NO_RESUME, **kwargs):
+        return file_fingerprint("edloras", resume_from) if resume_from != NO_RESUME else NO_RESUME
 
     @classmethod
     def execute(
@@ -275,15 +323,30 @@ class TrainEDLoRA(MoSNode):
         save_pth,
         overwrite,
         masks=None,
+        preview_every=100,
+        resume_from=NO_RESUME,
     ) -> io.NodeOutput:
+        cls.require_supported(model, clip)
         words = parse_concept_words(concept_words)
+        architecture = architecture_name(text_encoder_widths(clip))
+        if save_pth and architecture != "SD1.x":
+            raise EDLoRAError(
+                f"MoS Train ED-LoRA: save_pth is on, but the original .pth layout holds one text encoder (SD1.x) and this "
+                f"is an {architecture} model; turn save_pth off (the .safetensors file is always written)."
+            )
         paths = output_paths(filename, save_pth, overwrite)
+        start = None
+        if resume_from != NO_RESUME:
+            start = load_edlora(edlora_path(resume_from), name=resume_from)
+            check_resumable(start, model, clip, tuple(words))
+        resolution = resolution or native_resolution(model)
         if masks is not None:
             masks = masks.reshape(-1, *masks.shape[-2:]) if masks.dim() >= 2 else masks
             if masks.shape[0] == images.shape[0] and bool((masks >= 0.999).all()):
                 log.info("MoS Train ED-LoRA: the masks cover the whole images; training without masks.")
                 masks = None
-        crops, crop_masks = prepare_images(list(images), None if masks is None else list(masks), resolution)
+        labels = [f"{i} of the 'images' input" for i in range(images.shape[0])]
+        crops, crop_masks = prepare_images(list(images), None if masks is None else list(masks), resolution, names=labels)
         prompts = expand_captions(captions, crops.shape[0], " ".join(words), caption_template)
         settings = TrainSettings(
             words=tuple(words),
@@ -304,24 +367,81 @@ class TrainEDLoRA(MoSNode):
         )
         latents = encode_training_latents(vae, model, crops)
         data = TrainingData(latents, prompts, None if crop_masks is None else crop_masks[:, None])
-        bar = comfy.utils.ProgressBar(steps)
-        every = max(1, steps // 20)
-        losses: list[float] = []
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            losses.append(loss)
-            report = step % every == 0 or step == total
-            bar.update_absolute(step, total, ("PNG", loss_curve(losses, total), 256) if report else None)
-            if report:
-                log.info("MoS Train ED-LoRA: step %d/%d loss %.4f", step, total, loss)
-
+        board = TrainingBoard(steps, model, vae)
+        preview = None
+        if preview_every > 0:
+            prompt = expand_captions("", 1, " ".join(words), caption_template)[0]
+            preview = Preview(every=preview_every, prompt=prompt, show=board.show_sample, size=resolution)
         name = os.path.basename(paths[0])
-        result = train_edlora(model, clip, data, settings, on_step=on_step, name=name)
+        result = train_edlora(model, clip, data, settings, on_step=board.on_step, name=name, start=start, preview=preview)
         for path in paths:
             save_edlora(result.edlora, path)
+        board.finish()
         new_model, new_clip, concepts = load_edlora_into(model, clip, result.edlora, SAMPLING_STRENGTH, SAMPLING_STRENGTH)
-        return io.NodeOutput(new_model, new_clip, concepts, name, ui=ui.PreviewText(summary(result, paths, prompts)))
+        text = summary(result, paths, prompts, resume_from if start is not None else None)
+        return io.NodeOutput(new_model, new_clip, concepts, name, ui=ui.PreviewText(text))
+
+
+class TrainingBoard:
+    """What the node shows while it trains: a progress bar whose preview is the latest sample of the concept above
+    the loss curve, and a log line every twentieth of the run. Each step checks ComfyUI's interrupt.
+
+    Samples taken during the run are shown through ComfyUI's own latent previewer (the user's preview method:
+    latent2rgb or TAESD), because a full VAE decode in the middle of a run could make ComfyUI move the training model
+    off the GPU to make room; the last sample is decoded with the VAE once the run is over."""
+
+    def __init__(self, steps: int, model, vae):
+        self.steps = steps
+        self.vae = vae
+        self.process_latent_in = model.get_model_object("process_latent_in")
+        latent_format = model.model.latent_format
+        # the preview_every widget asks for samples, so they are shown even where sampler previews are off
+        # (ComfyUI's default): then with latent2rgb, as ComfyUI's "auto" method does
+        self.previewer = latent_preview.get_previewer(model.load_device, latent_format) or latent_preview.Latent2RGBPreviewer(
+            latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias, latent_format.latent_rgb_factors_reshape
+        )
+        self.bar = comfy.utils.ProgressBar(steps)
+        self.report_every = max(1, steps // 20)
+        self.losses: list[float] = []
+        self.sample = None  # PIL image of the latest preview sample
+        self.last_latent: torch.Tensor | None = None
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.losses.append(loss)
+        report = step % self.report_every == 0 or step == total
+        self.bar.update_absolute(step, total, ("JPEG", self.picture(), 512) if report else None)
+        if report:
+            log.info("MoS Train ED-LoRA: step %d/%d loss %.4f", step, total, loss)
+
+    def show_sample(self, step: int, latent: torch.Tensor) -> None:
+        """A sample taken at ``step`` (a VAE-space latent, as samplers return them)."""
+        self.last_latent = latent
+        self.sample = self.previewer.decode_latent_to_preview(self.process_latent_in(latent.float()))
+        self.bar.update_absolute(step, self.steps, ("JPEG", self.picture(), 512))
+
+    def finish(self) -> None:
+        """Decode the last sample with the VAE, now that the training model may leave the GPU."""
+        if self.last_latent is None:
+            return
+        from PIL import Image
+
+        image = self.vae.decode(self.last_latent)[0].clamp(0, 1)
+        self.sample = Image.fromarray((image[..., :3] * 255).round().to(torch.uint8).cpu().numpy())
+        self.bar.update_absolute(self.steps, self.steps, ("JPEG", self.picture(), 512))
+
+    def picture(self):
+        curve = loss_curve(self.losses, self.steps)
+        if self.sample is None:
+            return curve
+        from PIL import Image
+
+        width = curve.width
+        sample = self.sample.resize((width, max(1, round(self.sample.height * width / self.sample.width))))
+        board = Image.new("RGB", (width, sample.height + curve.height))
+        board.paste(sample, (0, 0))
+        board.paste(curve, (0, sample.height))
+        return board
 
 
 def output_paths(filename: str, save_pth: bool, overwrite: bool) -> list[str]:
@@ -359,13 +479,14 @@ def loss_curve(losses: list[float], total: int, width: int = 256, height: int = 
     return image
 
 
-def summary(result, paths: list[str], prompts: list[str]) -> str:
+def summary(result, paths: list[str], prompts: list[str], resumed_from: str | None = None) -> str:
     losses = result.losses
     span = max(1, len(losses) // 10)
     first, last = sum(losses[:span]) / span, sum(losses[-span:]) / span
     frozen = f"concept vectors frozen after step {result.frozen_at}" if result.frozen_at else "concept vectors learned to the end"
     lines = [
-        f"Trained {result.edlora.concept_name} for {len(losses)} steps: loss {first:.4f} (first {span}) -> {last:.4f} (last {span}).",
+        f"Trained {result.edlora.concept_name} for {len(losses)} steps{f' more, from {resumed_from}' if resumed_from else ''}: "
+        f"loss {first:.4f} (first {span}) -> {last:.4f} (last {span}).",
         frozen + ".",
         *[f"Saved {p}" for p in paths],
         f"Training prompt example: {prompts[0]}",

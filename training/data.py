@@ -54,20 +54,28 @@ def square_crop(image: torch.Tensor, resolution: int, mode: str = "bicubic") -> 
 
 
 def prepare_images(
-    images: list[torch.Tensor], masks: list[torch.Tensor] | None, resolution: int
+    images: list[torch.Tensor], masks: list[torch.Tensor] | None, resolution: int, names: list[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Square crops of ``images`` (each ``[H, W, 3]`` in 0..1) and of their ``masks`` (each ``[H, W]``).
 
-    Returns ``([N, res, res, 3], [N, res, res] or None)``. A mask must match its image's size and cover something.
+    Returns ``([N, res, res, 3], [N, res, res] or None)``. An image must be at least ``resolution`` on its short side
+    (upscaled photos teach the model blur); a mask must match its image's size and cover something. ``names`` (e.g.
+    quoted file names) make the messages name the image instead of giving its position.
     """
     if resolution < 64 or resolution % 64:
-        raise EDLoRAError(f"resolution {resolution}: use a multiple of 64 (512 for SD1.x, as the original trains).")
+        raise EDLoRAError(f"resolution {resolution}: use a multiple of 64 (512 for SD1.x as the original trains, 1024 for SDXL).")
     if not images:
         raise EDLoRAError("No training images were given.")
     if masks is not None and len(masks) != len(images):
         raise EDLoRAError(f"{len(masks)} masks were given for {len(images)} images; give one mask per image or none.")
     out_images, out_masks = [], []
     for i, image in enumerate(images):
+        if min(image.shape[0], image.shape[1]) < resolution:
+            which = names[i] if names else str(i)
+            raise EDLoRAError(
+                f"Training image {which} is {image.shape[1]}x{image.shape[0]}, smaller than the training resolution "
+                f"{resolution} on its short side: use images at least {resolution} px on the short side, or a lower resolution."
+            )
         out_images.append(square_crop(image[..., :3], resolution))
         if masks is not None:
             mask = masks[i]

@@ -33,22 +33,24 @@ from dataclasses import asdict, dataclass, field
 import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
+import comfy.sample
 import torch
 
-from ..edlora.apply import text_embedding_width, token_embedding
-from ..edlora.arch import cross_attention_sites, layer_count
+from ..edlora.apply import fit_to_model, text_embedding_width, token_embedding
+from ..edlora.arch import cross_attention_sites, layer_count, require_supported, text_encoder_widths
 from ..edlora.concepts import ConceptEntry, ConceptSet
-from ..edlora.encode import LayerwiseTokens, layerwise_tokens, single_token
+from ..edlora.encode import LayerwiseTokens, encoder_slices, layerwise_tokens, single_token
 from ..edlora.errors import derived_seed
 from ..edlora.format import EDLoRA, EDLoRAError, LoRAPair
 from ..edlora.prompt import layer_variants
-from ..edlora.routing import LAYER_CONTEXT_KEY, install_layer_routing
+from ..edlora.routing import LAYER_CONTEXT_KEY, install_layer_routing, layerwise_conditioning
 from ..edlora.targets import Target, text_attention_targets, unet_attention_targets
 from .hooks import AttentionProbe, LoRAHooks, autograd_usable, checkpointed_blocks, layer_norm_inputs_kept
 from .losses import attention_regularisation, diffusion_target, latent_masks, masked_mse, mean_embedding_norm
 
 log = logging.getLogger("mixofshow")
 RANDOM_INIT_STD = 0.013
+LATENT_SCALE = 8  # pixels per latent cell (SD1.x and SDXL VAEs)
 RANDOM_INIT_STD_WITHOUT_CLASS = 0.017
 
 
@@ -87,6 +89,19 @@ class TrainingData:
             raise EDLoRAError(f"{len(self.prompts)} prompts for {self.latents.shape[0]} images.")
         if self.subject_masks is not None and self.subject_masks.shape[0] != self.latents.shape[0]:
             raise EDLoRAError(f"{self.subject_masks.shape[0]} masks for {self.latents.shape[0]} images.")
+
+
+@dataclass
+class Preview:
+    """Sample the concept every ``every`` steps while it trains and hand the latent to ``show(step, latent)``."""
+
+    every: int
+    prompt: str  # with the concept's words written out
+    show: Callable[[int, torch.Tensor], None]
+    size: int = 512  # pixels, square
+    steps: int = 12
+    seed: int = 0
+    cfg: float = 5.0
 
 
 @dataclass
@@ -167,15 +182,28 @@ def _caption_tokens(clip, concepts: ConceptSet, prompt: str, words: list[str]) -
     return _Caption(tokens, [first[w] for w in words])
 
 
-def _encode(clip, captions: list[_Caption], embeddings: dict[str, torch.Tensor], layers: int) -> torch.Tensor:
-    """``[B, layers, 77, width]`` for the captions with the live vectors, in one text-encoder call."""
-    variants: dict[str, list] = {}
+def _encode(
+    clip, captions: list[_Caption], embeddings: dict[str, torch.Tensor], layers: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``([B, layers, 77, width], pooled [B, ...] or None)`` for the captions with the live vectors.
+
+    Each caption is encoded as at sampling time (:mod:`..edlora.encode`): every text encoder gets its part of each
+    vector, and the first copy, with every word's mean vector, gives the pooled output. One call per caption, since
+    ComfyUI returns the pooled output of a call's first sequence only."""
+    slices = encoder_slices(clip)
+    stacks, pooled = [], []
     for caption in captions:
-        vectors = {token: embeddings[word] for token, word in caption.tokens.word_of_token.items()}
+        variants = {}
         for key, chunks in caption.tokens.base.items():
-            variants.setdefault(key, []).extend(layer_variants(chunks, vectors, layers))
-    cond = clip.cond_stage_model.encode_token_weights(variants)[0]
-    return cond.reshape(len(captions), layers, cond.shape[1] // (layers * len(captions)), cond.shape[2])
+            part = slices.get(key, slice(None))
+            vectors = {token: embeddings[word][:, part] for token, word in caption.tokens.word_of_token.items()}
+            means = {token: vector.mean(dim=0, keepdim=True) for token, vector in vectors.items()}
+            variants[key] = layer_variants(chunks, means, 1) + layer_variants(chunks, vectors, layers)
+        cond, pool = clip.cond_stage_model.encode_token_weights(variants)[:2]
+        per_copy = cond.shape[1] // (layers + 1)
+        stacks.append(cond[0, per_copy:].reshape(layers, per_copy, cond.shape[2]))
+        pooled.append(pool)
+    return torch.stack(stacks), (torch.cat(pooled) if pooled[0] is not None else None)
 
 
 def check_trainable(model, clip, settings: TrainSettings) -> None:
@@ -196,12 +224,13 @@ def check_trainable(model, clip, settings: TrainSettings) -> None:
             raise EDLoRAError(f"MoS Train ED-LoRA: {name} must be a finite number of at least 0, got {value!r}.")
     if not settings.words:
         raise EDLoRAError("An ED-LoRA needs at least one concept word.")
+    require_supported(model, clip, "MoS Train ED-LoRA")
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
         sampling, (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION)
     ):
         raise EDLoRAError(
-            f"ED-LoRA training needs a discrete-time epsilon or v-prediction model (SD1.x); this MODEL samples with "
+            f"ED-LoRA training needs a discrete-time epsilon or v-prediction model (SD1.x, SDXL); this MODEL samples with "
             f"{type(sampling).__name__}."
         )
     unet_attention_targets(model)
@@ -219,7 +248,36 @@ def initial_edlora(model, clip, settings: TrainSettings, name: str = "<trained>"
     def pairs(targets: list[Target]) -> dict[str, LoRAPair]:
         return {t.name: init_lora_pair(t.shape[0], t.shape[1], settings.rank, generator) for t in targets}
 
-    return EDLoRA(embeddings, pairs(unet_attention_targets(model)), pairs(text_attention_targets(clip)), name=name)
+    units = list(dict.fromkeys(s.unit for s in cross_attention_sites(model.get_model_object("diffusion_model"))))
+    return EDLoRA(
+        embeddings,
+        pairs(unet_attention_targets(model)),
+        pairs(text_attention_targets(clip)),
+        name=name,
+        encoders=text_encoder_widths(clip),
+        layer_map=units,
+    )
+
+
+def check_resumable(start: EDLoRA, model, clip, words: tuple[str, ...]) -> None:
+    """Refuse an ED-LoRA a run cannot continue: another model, other words, or adapters missing on some module."""
+    fit_to_model(start, model, clip)
+    if tuple(start.words) != tuple(words):
+        raise EDLoRAError(
+            f"The ED-LoRA to resume, '{start.name}', holds the words {' '.join(start.words)}, not "
+            f"{' '.join(words)}; set concept_words to {'+'.join(start.words)}."
+        )
+    for what, pairs, targets in (
+        ("UNet", start.unet, unet_attention_targets(model)),
+        ("text-encoder", start.text_encoder, text_attention_targets(clip)),
+    ):
+        missing = [t.name for t in targets if t.name not in pairs]
+        if missing:
+            raise EDLoRAError(
+                f"The ED-LoRA to resume, '{start.name}', has no LoRA on {len(missing)} of the {len(targets)} {what} "
+                f"attention projections training adapts (e.g. {missing[0]}); only ED-LoRAs trained on every attention "
+                "can be resumed."
+            )
 
 
 class _Session:
@@ -233,8 +291,10 @@ class _Session:
         self.words = start.words
         sites = cross_attention_sites(model.get_model_object("diffusion_model"))
         self.layers = layer_count(model.get_model_object("diffusion_model"))
-        concepts = ConceptSet().add(ConceptEntry(start))
-        self.captions = [_caption_tokens(clip, concepts, prompt, self.words) for prompt in data.prompts]
+        self.encoders = text_encoder_widths(clip)
+        self.layer_map = list(dict.fromkeys(site.unit for site in sites))
+        self.concepts = ConceptSet().add(ConceptEntry(start))
+        self.captions = [_caption_tokens(clip, self.concepts, prompt, self.words) for prompt in data.prompts]
 
         self.model = model.clone()
         install_layer_routing(self.model)
@@ -254,7 +314,10 @@ class _Session:
         if self.clip.layer_idx is not None:
             self.clip.cond_stage_model.set_clip_options({"layer": self.clip.layer_idx})
 
-        self.embeddings = {w: torch.nn.Parameter(t.float().to(self.device).clone()) for w, t in start.embeddings.items()}
+        # a one-vector (textual-inversion style) start serves every layer and learns one vector per layer from here
+        self.embeddings = {
+            w: torch.nn.Parameter(t.float().to(self.device).expand(self.layers, -1).clone()) for w, t in start.embeddings.items()
+        }
         self.unet_lora = LoRAHooks(self.model.model, unet_attention_targets(model), start.unet, self.device)
         self.text_lora = LoRAHooks(self.clip.cond_stage_model, text_attention_targets(clip), start.text_encoder, self.device)
         stack.enter_context(self.unet_lora.attached())
@@ -276,7 +339,8 @@ class _Session:
         sigma = self.sampling.sigma(timesteps.to(self.device).float())
         x_in = self.sampling.calculate_input(sigma, self.sampling.noise_scaling(sigma, noise, x0))
         captions = [self.captions[i] for i in index]
-        context = _encode(self.clip, captions, self.embeddings, self.layers).to(device=self.device, dtype=self.dtype)
+        context, pooled = _encode(self.clip, captions, self.embeddings, self.layers)
+        context = context.to(device=self.device, dtype=self.dtype)
         # what ComfyUI's sampler hands the UNet: the patcher's patches, its wrappers (our layer routing among
         # them) and the batch description
         options = dict(self.model.model_options.get("transformer_options", {}))
@@ -290,6 +354,7 @@ class _Session:
             x_in.to(self.dtype),
             self.sampling.timestep(sigma).float(),
             context=context[:, 0],
+            y=self.adm(pooled, x0.shape[-2:]),
             transformer_options=options,
             **{LAYER_CONTEXT_KEY: context},
         ).float()
@@ -301,6 +366,50 @@ class _Session:
             self.probe.maps = []
         return mse, attention
 
+    def sample(self, preview: Preview) -> torch.Tensor:
+        """A latent of the concept with the vectors and adapters of this moment, sampled the way samplers run."""
+        with torch.no_grad():
+            caption = _caption_tokens(self.clip, self.concepts, preview.prompt, self.words)
+            context, pooled = _encode(self.clip, [caption], self.embeddings, self.layers)
+            extra = {"pooled_output": pooled.detach().cpu()} if pooled is not None else {}
+            positive = [layerwise_conditioning(context.detach().cpu().float(), extra)]
+            negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
+            latent = torch.zeros(1, 4, preview.size // LATENT_SCALE, preview.size // LATENT_SCALE)
+            noise = comfy.sample.prepare_noise(latent, preview.seed)
+            if self.probe is not None:
+                self.probe.positions = None  # no maps to keep while sampling
+            samples = comfy.sample.sample(
+                self.model,
+                noise,
+                preview.steps,
+                preview.cfg,
+                "euler",
+                "normal",
+                positive,
+                negative,
+                latent,
+                denoise=1.0,
+                disable_pbar=True,
+                seed=preview.seed,
+            )
+            if self.probe is not None:
+                self.probe.maps = []
+        return samples
+
+    def adm(self, pooled: torch.Tensor | None, latent_size) -> torch.Tensor | None:
+        """SDXL's vector conditioning for a batch: the pooled output and the image size (uncropped, at the training
+        resolution), as ComfyUI's SDXL model builds it; None for models without one (SD1.x)."""
+        if not getattr(self.model.model, "adm_channels", 0) or pooled is None:
+            return None
+        height, width = (int(s) * LATENT_SCALE for s in latent_size)
+        rows = [
+            self.model.model.encode_adm(
+                pooled_output=p[None], width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height
+            )
+            for p in pooled
+        ]
+        return torch.cat(rows).to(device=self.device, dtype=self.dtype)
+
     def result(self, name: str, metadata: dict[str, str]) -> EDLoRA:
         return EDLoRA(
             embeddings={w: e.detach().float().cpu().clone() for w, e in self.embeddings.items()},
@@ -308,6 +417,8 @@ class _Session:
             text_encoder=self.text_lora.pairs(),
             name=name,
             metadata=metadata,
+            encoders=self.encoders,
+            layer_map=self.layer_map,
         )
 
 
@@ -319,17 +430,27 @@ def train_edlora(
     on_step: Callable[[int, int, float], None] | None = None,
     name: str = "<trained>",
     start: EDLoRA | None = None,
+    preview: Preview | None = None,
 ) -> TrainResult:
     """Train an ED-LoRA for ``settings.words`` on ``data``; ``model``/``clip`` are never modified.
 
-    ``start`` continues from an existing ED-LoRA instead of :func:`initial_edlora`. ``on_step(step, total, loss)``
-    runs after every optimiser step; an exception it raises (ComfyUI's interrupt) ends the run with every model
-    object restored and nothing returned.
+    ``start`` continues from an existing ED-LoRA instead of :func:`initial_edlora` (its words, rank and vectors; if
+    its vectors already reached the freeze threshold they stay frozen). ``on_step(step, total, loss)`` runs after
+    every optimiser step; an exception it raises (ComfyUI's interrupt) ends the run with every model object restored
+    and nothing returned. ``preview`` samples the concept with the weights of the moment every few steps.
     """
     if start is None:
         start = initial_edlora(model, clip, settings, name)
     else:
         check_trainable(model, clip, settings)
+        check_resumable(start, model, clip, settings.words)
+        if start.rank != settings.rank:
+            log.info(
+                "MoS Train ED-LoRA: resuming '%s' keeps its rank %d (rank %d is for new runs).",
+                start.name,
+                start.rank,
+                settings.rank,
+            )
     generator = torch.Generator().manual_seed(derived_seed(settings.seed, 1))
     result = TrainResult(edlora=start)
     with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
@@ -350,6 +471,11 @@ def train_edlora(
                 "MoS Train ED-LoRA: batch_size %d is more than the %d images; using %d.", settings.batch_size, count, batch
             )
         order: list[int] = []
+        threshold = settings.embedding_norm_threshold
+        if 0 < threshold <= mean_embedding_norm(run.embeddings):  # resumed from vectors that had already stopped
+            result.frozen_at = 0
+            for vector in run.embeddings.values():
+                vector.requires_grad_(False)
         for step in range(settings.steps):
             if len(order) < batch:
                 order += torch.randperm(count, generator=generator).tolist()
@@ -373,7 +499,6 @@ def train_edlora(
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(float(loss.detach()))
             result.embedding_norms.append(mean_embedding_norm(run.embeddings))
-            threshold = settings.embedding_norm_threshold
             if result.frozen_at is None and 0 < threshold <= result.embedding_norms[-1]:
                 result.frozen_at = step + 1
                 for vector in run.embeddings.values():
@@ -383,6 +508,10 @@ def train_edlora(
                 )
             if on_step is not None:
                 on_step(step + 1, settings.steps, result.losses[-1])
+            if preview is not None and preview.every > 0 and ((step + 1) % preview.every == 0 or step + 1 == settings.steps):
+                latent = run.sample(preview)
+                with torch.no_grad():
+                    preview.show(step + 1, latent)
         training = {**asdict(settings), "words": list(run.words), "images": count, "frozen_at": result.frozen_at}
         result.edlora = run.result(name, {"mixofshow.training": json.dumps(training)})
     return result

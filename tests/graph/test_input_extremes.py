@@ -47,8 +47,8 @@ def world(tmp_path_factory):
 
     folder = root / "input" / "concept"
     folder.mkdir()
-    for i in range(2):
-        Image.new("RGB", (96, 80), (40 * i + 60, 90, 200)).save(folder / f"p{i}.png")
+    for i in range(2):  # as large as the largest resolution the loader offers: smaller images are refused
+        Image.new("RGB", (2048, 2048), (40 * i + 60, 90, 200)).save(folder / f"p{i}.png")
     saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("edloras", "loras", "mixofshow_fused")}
     folder_paths.folder_names_and_paths["edloras"] = ([str(root / "edloras")], {".pth", ".safetensors"})
     folder_paths.folder_names_and_paths["loras"] = ([str(root / "loras")], {".safetensors"})
@@ -148,6 +148,9 @@ def test_declared_extremes_are_accepted(world, monkeypatch, node, name, which):
     spec = next(s for s in schema.inputs if s.id == name)
     value = getattr(spec, which)
     inputs = {**widget_defaults(node), **base_inputs(schema.node_id, world), name: value}
+    if (schema.node_id, name) == ("MoSTrainEDLoRA", "resolution"):
+        # images at least as large as any resolution (0: the model's own, 512): smaller ones are refused by design
+        inputs["images"] = torch.rand(1, spec.max, spec.max, 3, generator=torch.Generator().manual_seed(0))
     assert node.validate_inputs(**{k: v for k, v in inputs.items() if not torch.is_tensor(v)}) is True
 
     heavy = HEAVY.get((schema.node_id, name))

@@ -294,6 +294,7 @@ def run_node(comfy_tiny, images, **overrides):
         filename="disc",
         save_pth=False,
         overwrite=False,
+        preview_every=0,
     )
     inputs.update(overrides)
     with torch.inference_mode():
@@ -369,7 +370,7 @@ def test_trained_files_stack_and_fuse(comfy_tiny, edloras_dir):
     assert layer_stack_of(both).shape[1] == 16
 
 
-def test_progress_reports_every_step_with_a_loss_preview(comfy_tiny, edloras_dir, monkeypatch):
+def test_progress_reports_every_step_with_loss_and_sample_previews(comfy_tiny, edloras_dir, monkeypatch):
     import comfy.utils
 
     seen = []
@@ -377,11 +378,52 @@ def test_progress_reports_every_step_with_a_loss_preview(comfy_tiny, edloras_dir
         comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: seen.append((value, total, preview))
     )
     images, _ = disc_images(2)
-    run_node(comfy_tiny, images, steps=4)
+    run_node(comfy_tiny, images, steps=4, preview_every=0)
     assert [(v, t) for v, t, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     kind, picture, size = seen[-1][2]
-    assert kind == "PNG" and picture.size == (256, 128) and size == 256
+    assert kind == "JPEG" and picture.size == (256, 128) and size == 512
     assert len(set(picture.getdata())) > 3  # a curve was drawn
+
+    seen.clear()
+    run_node(comfy_tiny, images, steps=5, preview_every=2, overwrite=True)
+    # a sample after steps 2 and 4 and at the end, each shown at once; the last one decoded by the VAE at the end
+    assert [(v, t) for v, t, _ in seen] == [(1, 5), (2, 5), (2, 5), (3, 5), (4, 5), (4, 5), (5, 5), (5, 5), (5, 5)]
+    pictures = [preview[1] for _, _, preview in seen]
+    assert pictures[1].size == (256, 128) and pictures[2].size == (256, 256 + 128)
+    sample = torch.tensor(list(pictures[-1].crop((0, 0, 256, 256)).getdata()), dtype=torch.float32)
+    assert sample.std() > 1.0  # a decoded image, not a blank square
+    assert pictures[-1].size == (256, 256 + 128)
+
+
+def test_node_resumes_from_a_saved_edlora(comfy_tiny, edloras_dir):
+    images, masks = disc_images(2)
+    first = run_node(comfy_tiny, images, masks=masks, steps=3, filename="disc", preview_every=0).args[2].entries[0].edlora
+    with pytest.raises(EDLoRAError, match=r"holds the words <disc1> <disc2>, not <ring1>; set concept_words to <disc1>\+<disc2>"):
+        run_node(comfy_tiny, images, concept_words="<ring1>", filename="more", resume_from="disc.safetensors")
+    out = run_node(
+        comfy_tiny, images, masks=masks, steps=2, rank=8, filename="more", resume_from="disc.safetensors", preview_every=0
+    )
+    resumed = out.args[2].entries[0].edlora
+    assert resumed.rank == first.rank == 4
+    for word in WORDS:
+        assert not torch.equal(resumed.embeddings[word], first.embeddings[word])
+        # two more small steps move the vectors a little from where the first run left them
+        assert (resumed.embeddings[word] - first.embeddings[word]).norm() < 0.1 * first.embeddings[word].norm()
+    assert "2 steps more, from disc.safetensors" in out.ui.as_dict()["text"][0]
+    assert sorted(os.listdir(edloras_dir)) == ["disc.safetensors", "more.safetensors"]
+
+
+def test_node_resolution_zero_is_the_models_own(comfy_tiny, edloras_dir):
+    from mixofshow.edlora.arch import native_resolution
+
+    model, _, _ = comfy_tiny
+    assert native_resolution(model) == 512
+    images, _ = disc_images(1, size=128)
+    with pytest.raises(
+        EDLoRAError, match=r"Training image 0 of the 'images' input is 128x128, smaller than the training resolution 512"
+    ):
+        run_node(comfy_tiny, images, resolution=0)
+    assert os.listdir(edloras_dir) == []
 
 
 def test_node_interrupt_saves_nothing_and_restores_the_model(comfy_tiny, edloras_dir):

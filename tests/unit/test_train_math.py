@@ -43,6 +43,10 @@ def test_square_crop_keeps_the_centre_of_the_long_side():
 
 def test_prepare_images_mixed_sizes_and_masks():
     images = [torch.rand(80, 120, 3), torch.rand(200, 100, 3), torch.rand(64, 64, 3)]
+    with pytest.raises(EDLoRAError, match=r"Training image 'a.png' is 120x80, smaller than the training resolution 128"):
+        prepare_images(images, None, 128, names=["'a.png'", "'b.png'", "'c.png'"])
+    with pytest.raises(EDLoRAError, match=r"Training image 2 is 64x64, smaller than the training resolution 128"):
+        prepare_images([torch.rand(200, 130, 3)] * 2 + images[2:], None, 128)
     masks = [torch.ones(80, 120), torch.zeros(200, 100), torch.ones(64, 64)]
     masks[1][90:110, 40:60] = 1.0
     out, out_masks = prepare_images(images, masks, 64)
