@@ -77,10 +77,12 @@ def token_embedding(clip, token: int) -> torch.Tensor:
     """The embedding of token id ``token`` in every text encoder, side by side in :data:`.arch.ENCODER_ORDER`
     (``[width]``, float32), like a concept vector."""
     state = clip.cond_stage_model.state_dict()
-    parts = [
-        state[f"clip_{name}.transformer.text_model.embeddings.token_embedding.weight"][token]
-        for name in text_encoder_widths(clip)
-    ]
+    parts = []
+    for name in text_encoder_widths(clip):
+        table = state[f"clip_{name}.transformer.text_model.embeddings.token_embedding.weight"]
+        # index_select copies the row: a view of an inference tensor (ComfyUI loads weights as such) cannot be taken
+        # outside inference mode, where training runs
+        parts.append(table.index_select(0, torch.tensor([token], device=table.device))[0])
     if not parts:
         raise EDLoRAError("The connected CLIP has no token embedding table; is it a CLIP text encoder?")
     return torch.cat([p.detach().float() for p in parts]).clone()

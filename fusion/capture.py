@@ -95,10 +95,13 @@ class GramCapture:
         self._last_input.clear()
 
     def reset(self) -> dict[str, GramGroup]:
-        """Return the groups gathered so far and start empty (one concept's statistics)."""
+        """Return the groups gathered so far and start empty (one concept's statistics).
+
+        The model runs under ``torch.inference_mode`` while it is recorded (see :func:`model_pass`), so groups made
+        there are inference tensors; the copies returned are ordinary ones the solvers can differentiate through."""
         groups, self.groups = self.groups, {}
         self._last_input.clear()
-        return groups
+        return {name: group.copy() for name, group in groups.items()}
 
     def _hook(self, key: str):
         group = self._group_of[key]
@@ -132,3 +135,12 @@ class GramCapture:
             return None
 
         return hook
+
+
+def model_pass():
+    """The context every recorded model call runs in: ``torch.inference_mode``, as ComfyUI runs its nodes.
+
+    ComfyUI loads, patches and casts weights expecting inference mode; outside it, on CUDA, its weight casting meets
+    the inference tensors it loaded and fails ("Inference tensors do not track version counter"). What a pass returns
+    is cloned outside before any view or solver touches it."""
+    return torch.inference_mode()

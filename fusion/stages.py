@@ -33,7 +33,7 @@ from ..edlora.encode import LayerwiseTokens, encode_layer_stack, encode_prompt, 
 from ..edlora.errors import ModelFileError, derived_seed
 from ..edlora.loras import comfy_warnings
 from ..edlora.routing import install_layer_routing
-from .capture import GramCapture, input_group
+from .capture import GramCapture, input_group, model_pass
 from .plan import LayerPlan, plan_layers, stage_of
 from .results import STAGES, Fingerprint, FusionError, FusionSettings, StageReport
 from .solvers import SOLVERS
@@ -290,7 +290,8 @@ def text_encoder_stage(run: FusionRun) -> FusionStats:
                         mask[row, : last + 1] = True
                     masks[f"clip_{encoder}."] = mask
                 capture.row_mask = masks
-                encode_layer_stack(clip_i, tokens)
+                with model_pass():
+                    encode_layer_stack(clip_i, tokens)
             groups = capture.reset()
         run.fold(stats, concept, groups, keys)
         run.step()
@@ -312,7 +313,9 @@ def cross_attention_stage(run: FusionRun, clip_fused) -> FusionStats:
         rows_by_layer: dict[int, list[torch.Tensor]] = {}
         for prompt in concept.entry.text_prompts():
             tokens = concept_tokens(clip_fused, run.concepts, prompt)
-            stack, _ = encode_layer_stack(clip_fused, tokens)
+            with model_pass():
+                stack, _ = encode_layer_stack(clip_fused, tokens)
+            stack = stack.clone()
             chunk = tokens.base[encoder][0]
             if run.original_positions:
                 positions = [i for i, t in enumerate(chunk) if t[0] in tokens.stand_in_tokens]
@@ -355,7 +358,8 @@ def spatial_stage(run: FusionRun, clip_fused, kv_diffs: dict[str, torch.Tensor])
         install_layer_routing(model_i)
         with GramCapture(model_i.model, keys, run.device) as capture:
             for number, prompt in enumerate(prompts):
-                positive = encode_prompt(clip_fused, run.concepts, prompt)
+                with model_pass():
+                    positive = encode_prompt(clip_fused, run.concepts, prompt)
                 latent = torch.zeros(1, 4, latent_side, latent_side)
                 seed = derived_seed(settings.seed, index + number * len(run.members))
                 noise = comfy.sample.prepare_noise(latent, seed)
@@ -365,21 +369,22 @@ def spatial_stage(run: FusionRun, clip_fused, kv_diffs: dict[str, torch.Tensor])
                     run.step()
                     steps_done[0] += 1
 
-                comfy.sample.sample(
-                    model_i,
-                    noise,
-                    settings.sample_steps,
-                    1.0,
-                    SPATIAL_SAMPLER[0],
-                    SPATIAL_SAMPLER[1],
-                    positive,
-                    positive,
-                    latent,
-                    denoise=1.0,
-                    disable_pbar=True,
-                    seed=seed,
-                    callback=callback,
-                )
+                with model_pass():
+                    comfy.sample.sample(
+                        model_i,
+                        noise,
+                        settings.sample_steps,
+                        1.0,
+                        SPATIAL_SAMPLER[0],
+                        SPATIAL_SAMPLER[1],
+                        positive,
+                        positive,
+                        latent,
+                        denoise=1.0,
+                        disable_pbar=True,
+                        seed=seed,
+                        callback=callback,
+                    )
                 if steps_done[0] < settings.sample_steps:
                     run.step(settings.sample_steps - steps_done[0])
             groups = capture.reset()

@@ -305,7 +305,8 @@ class _Session:
                 self.model.set_model_attn2_replace(self.probe, *site.key)
         self.clip = clip.clone()
 
-        comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
+        with torch.inference_mode():  # ComfyUI loads (and on CUDA casts) weights in inference mode, as its nodes run
+            comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
         self.device = self.model.load_device
         self.diffusion_model = self.model.model.diffusion_model
         stack.enter_context(autograd_usable(self.diffusion_model, self.clip.cond_stage_model))

@@ -334,3 +334,29 @@ def test_full_sd15_architecture_fuses_all_176_layers(sd15, edloras_dir):
     for stage, report in fused.stage_reports.items():
         assert report.loss_after < report.loss_before, stage
     assert model.patches == {} and clip.patcher.patches == {}
+
+
+def test_model_passes_of_the_fusion_run_in_inference_mode(tiny, edloras_dir):
+    """ComfyUI loads, patches and (on CUDA) casts weights expecting inference mode; outside it, its weight casting on a
+    GPU fails on the inference tensors it loaded. Every text-encoder and UNet call of a fusion must run inside it."""
+    model, clip, _ = tiny
+    concepts = stack(tiny, edloras_dir, count=2)
+    seen = []
+
+    def recorder(name):
+        return lambda module, args: seen.append((name, torch.is_inference_mode_enabled()))
+
+    handles = [
+        clip.cond_stage_model.clip_l.transformer.register_forward_pre_hook(recorder("text encoder")),
+        model.get_model_object("diffusion_model").register_forward_pre_hook(recorder("UNet")),
+    ]
+    try:
+        fused = fuse(tiny, concepts, solver="exact")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {name for name, _ in seen} == {"text encoder", "UNet"}
+    assert all(inference for _, inference in seen), [s for s in seen if not s[1]][:3]
+    assert all(not t.is_inference() for s in fused.stats.values() for t in s.to_tensors("s")[0].values()), (
+        "statistics leave as ordinary tensors the solvers can differentiate through"
+    )
