@@ -17,6 +17,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_DIR_NAME = "mixofshow"
 #: The small SD1.x checkpoint the test server finds in its models/checkpoints (written by the tests' fixture).
 TEST_CHECKPOINT = "mos-test-small-sd1.safetensors"
+#: The small SDXL checkpoint beside it (SDXL's layout at 320 channels, full CLIP-L and CLIP-G).
+TEST_SDXL_CHECKPOINT = "mos-test-small-sdxl.safetensors"
 
 
 class ComfyServerError(RuntimeError):

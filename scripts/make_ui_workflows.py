@@ -153,6 +153,48 @@ LAYOUTS = {
             ],
         ],
     ),
+    "sdxl_edlora_single_concept": Layout(
+        note=(
+            "## SDXL: one ED-LoRA concept\n"
+            "The single-concept workflow on an SDXL-family checkpoint (SDXL base, Pony, Illustrious, NoobAI...). "
+            "An SDXL ED-LoRA holds concept vectors for both text encoders and one vector per spatial transformer "
+            "(11 layers); train one with MoS Train ED-LoRA on an SDXL checkpoint.\n\n"
+            "**Files:** an SDXL checkpoint in `models/checkpoints`; an SDXL ED-LoRA in `models/edloras`.\n\n"
+            "An SD1.x ED-LoRA is refused on SDXL by name (and the reverse)."
+        ),
+        rows=[
+            [
+                [Block(None, [[NOTE]])],
+                [Block("1  SDXL model and concept", [["1", "2"]], "#3f789e")],
+                [Block("2  Prompts", [["3", "4", "5"]], "#8a6e2f")],
+                [Block("3  Sample and save", [["6", "7"], ["8"]], "#4f7a3a")],
+            ]
+        ],
+    ),
+    "sdxl_fuse_loras_regional": Layout(
+        note=(
+            "## SDXL: three characters, fused, one per region\n"
+            "Fuses two ordinary SDXL LoRAs and one SDXL ED-LoRA into one model with Mix-of-Show gradient fusion "
+            "(both text encoders, the 2048-wide keys and values, the spatial layers), then gives each character its "
+            "own region, prompt and negative. The pooled prompt that conditions the whole image stays the global "
+            "one.\n\n"
+            "**Files:** an SDXL checkpoint; two SDXL LoRAs in `models/loras`; an SDXL ED-LoRA in `models/edloras`.\n\n"
+            "Fusion samples at 1024 (resolution 0 = the model's own) and takes minutes on a GPU; the seed is fixed "
+            "so a second Run reuses it."
+        ),
+        note_size=(340, 330),
+        sizes={"2": (340, 150), "3": (340, 150), "4": (340, 150), "6": (400, 220), "7": (380, 300), "11": (280, 260)},
+        rows=[
+            [
+                [Block(None, [[NOTE]]), Block("1  Base model", [["1"]], "#3f789e")],
+                [Block("2  Characters", [["2", "3", "4"]], "#8a6e2f")],
+                [Block("3  Fuse", [["5"]], "#a1309b")],
+            ],
+            [
+                [Block("4  One character per region, then sample", [["6", "8"], ["7"], ["9", "10"], ["11"]], "#4f7a3a")],
+            ],
+        ],
+    ),
     "train_edlora_from_folder": Layout(
         note=(
             "## Train an ED-LoRA from a folder\n"

@@ -115,6 +115,7 @@ def server_files(tmp_path_factory, small_model):
 
     for seed, name in enumerate(("hatsune_miku", "asuka_langley", "rei_ayanami"), start=5):
         write_lora(os.path.join(base, "models", "loras", f"{name}.safetensors"), model, clip, scope="attention", seed=seed)
+    write_sdxl_files(base)
     os.makedirs(os.path.join(base, "input"), exist_ok=True)
     from PIL import Image, ImageDraw
 
@@ -126,6 +127,27 @@ def server_files(tmp_path_factory, small_model):
     sketch.save(os.path.join(base, "input", "mixofshow_sketch.png"))
     write_training_folder(os.path.join(base, "input", "mixofshow_concept"))
     return base
+
+
+def write_sdxl_files(base: str) -> None:
+    """The small SDXL checkpoint, an SDXL ED-LoRA and two SDXL LoRAs (the model itself is not kept in memory)."""
+    import gc
+
+    from mixofshow.devkit import models
+    from mixofshow.devkit.loras import write_lora
+    from mixofshow.devkit.server import TEST_SDXL_CHECKPOINT
+    from mixofshow.edlora.format import save_edlora
+
+    model, clip, vae = models.small_sdxl(seed=0)
+    save_edlora(
+        models.make_edlora(model, clip, words=("<lin1>", "<lin2>"), seed=11, name="edlora_sdxl_lin.safetensors"),
+        os.path.join(base, "models", "edloras", "edlora_sdxl_lin.safetensors"),
+    )
+    for seed, name in enumerate(("sdxl_hatsune_miku", "sdxl_asuka_langley"), start=12):
+        write_lora(os.path.join(base, "models", "loras", f"{name}.safetensors"), model, clip, scope="attention", seed=seed)
+    models.write_checkpoint(os.path.join(base, "models", "checkpoints", TEST_SDXL_CHECKPOINT), model, clip, vae)
+    del model, clip, vae
+    gc.collect()
 
 
 def write_training_folder(folder: str) -> None:

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from mixofshow.devkit.server import TEST_CHECKPOINT as DEMO_CKPT
+from mixofshow.devkit.server import TEST_SDXL_CHECKPOINT as SDXL_CKPT
 from mixofshow.devkit.server import ComfyServerError, load_workflow, set_inputs
 
 PACK_NODES = {
@@ -63,7 +64,7 @@ def test_every_node_has_a_help_page(object_info):
 def test_every_ui_workflow_has_an_api_twin_with_the_same_nodes():
     """What the UI files hold is checked in the real frontend (tests/browser); here only that the twins pair up."""
     ui_files = glob.glob(os.path.join(WORKFLOWS, "*.json"))
-    assert len(ui_files) == 5, "workflows/ ships the five UI-format workflows"
+    assert len(ui_files) == 7, "workflows/ ships the seven UI-format workflows"
     for path in ui_files:
         with open(path) as f:
             workflow = json.load(f)
@@ -82,6 +83,8 @@ def test_browse_templates_lists_only_ui_workflows(server):
         "fuse_loras_regional",
         "gradient_fusion_three_concepts",
         "regional_three_concepts_sketch",
+        "sdxl_edlora_single_concept",
+        "sdxl_fuse_loras_regional",
         "train_edlora_from_folder",
     ]
     for name in templates:
@@ -231,3 +234,51 @@ def test_shipped_lora_workflow_fuses_three_loras_and_samples_one_per_region(serv
     assert Image.open(images[0]).size == (192, 64)
     shown = " ".join(entry["outputs"]["2"]["text"])
     assert "photo of hatsune miku, twintails, aqua hair" in shown
+
+
+def test_shipped_sdxl_single_concept_workflow_renders_an_image(server):
+    prompt = load_workflow("sdxl_edlora_single_concept")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=SDXL_CKPT)
+    set_inputs(prompt, "EmptyLatentImage", width=128, height=192)
+    set_inputs(prompt, "KSampler", steps=2)
+    entry = server.run(prompt)
+    images = server.image_files(entry)
+    assert len(images) == 1
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (128, 192)
+    assert "Loaded ED-LoRA edlora_sdxl_lin.safetensors" in server.log_text()
+    assert "Requested to load SDXL" in server.log_text(), "core Load Checkpoint detected SDXL"
+
+
+def test_an_sd1_edlora_on_the_sdxl_checkpoint_is_refused_by_name(server):
+    prompt = load_workflow("sdxl_edlora_single_concept")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=SDXL_CKPT)
+    set_inputs(prompt, "MoSEDLoRALoader", edlora_name="edlora_hermione.safetensors")
+    with pytest.raises(
+        ComfyServerError, match=r"'edlora_hermione.safetensors' is an SD1.x ED-LoRA .* but the connected model is SDXL"
+    ):
+        server.run(prompt)
+
+
+def test_shipped_sdxl_fusion_and_regional_workflow(server):
+    prompt = load_workflow("sdxl_fuse_loras_regional")
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=SDXL_CKPT)
+    set_inputs(prompt, "MoSGradientFusion", solver="exact", sample_steps=1, sample_resolution=64, measure_drift=False)
+    set_inputs(prompt, "MoSRegionsFromText", width=192, height=64)
+    set_inputs(prompt, "EmptyLatentImage", width=192, height=64)
+    set_inputs(prompt, "KSampler", steps=2)
+    text = prompt["6"]["inputs"]["text"]
+    prompt["6"]["inputs"]["text"] = (
+        text.replace("[0, 0, 768, 496]", "[0, 0, 64, 62]")
+        .replace("[0, 520, 768, 1016]", "[0, 65, 64, 126]")
+        .replace("[0, 1040, 768, 1536]", "[0, 130, 64, 192]")
+    )
+    entry = server.run(prompt)
+    images = server.image_files(entry)
+    assert len(images) == 1
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (192, 64)
+    report = " ".join(entry["outputs"]["5"]["text"])
+    assert "cross_attention_kv: 140 layers" in report and "text_encoder: 176 layers" in report
