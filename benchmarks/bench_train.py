@@ -1,9 +1,13 @@
-"""Cost of ED-LoRA training: steps per second and peak memory, tiny model against the full SD1.5 architecture.
+"""Cost of ED-LoRA training: steps per second and peak memory, tiny models against full SD1.5 and SDXL.
 
 Every configuration runs in its own process (so each peak is its own) on random-weight models built under
 inference mode, exactly as ComfyUI's loaders leave them. Ratios are printed side by side from one run; absolute
 times on a shared machine mean little. CPU peak memory is the growth of the process's maximum resident set over
 the loaded model; on CUDA it is ``torch.cuda.max_memory_allocated`` over the loaded model.
+
+SD1.x against SDXL at the same resolution: ``tiny`` vs ``tiny-sdxl`` (the tiny models with the real block
+structures) and ``sd15`` vs ``sdxl`` (full sizes; full SDXL runs by default only on CUDA: it needs ~27 GB in float32
+on a CPU). On CUDA the UNet is fp16, as ComfyUI loads it there.
 
 Usage: ``make bench`` or ``$PYTHON benchmarks/bench_train.py [--device cuda] [--steps 4] [--sd15-size 128]``.
 """
@@ -25,10 +29,16 @@ CONFIGS = {
     # name: (model, resolution argument, batch, masks + attention regulariser, gradient checkpointing)
     "tiny": ("tiny", "tiny_size", 2, False, False),
     "tiny+masks": ("tiny", "tiny_size", 2, True, False),
+    "tiny-sdxl": ("tiny_sdxl", "tiny_size", 2, False, False),
     "sd15": ("sd15", "sd15_size", 1, False, False),
     "sd15+masks": ("sd15", "sd15_size", 1, True, False),
     "sd15+ckpt": ("sd15", "sd15_size", 1, False, True),
+    # full-size SDXL base: ~27 GB in float32 with the training copy, so only where asked (--only) or on CUDA
+    "sdxl": ("sdxl", "sd15_size", 1, False, False),
+    "sdxl+ckpt": ("sdxl", "sd15_size", 1, False, True),
+    "sdxl@1024+ckpt": ("sdxl", "sdxl_size", 1, False, True),
 }
+FULL_SDXL = ("sdxl", "sdxl+ckpt", "sdxl@1024+ckpt")
 
 
 def worker(name: str, args) -> dict:
@@ -47,10 +57,16 @@ def worker(name: str, args) -> dict:
     kind, size_arg, batch, masks, checkpointing = CONFIGS[name]
     size = getattr(args, size_arg)
     with torch.inference_mode():
+        # on a GPU the UNet is fp16, as ComfyUI loads it there (adapters and vectors train in fp32)
+        unet_dtype = torch.float16 if args.device == "cuda" else torch.float32
         if kind == "tiny":
             model, clip, _ = models.tiny_sd1(seed=0)
+        elif kind == "tiny_sdxl":
+            model, clip, _ = models.tiny_sdxl(seed=0)
+        elif kind == "sdxl":
+            model, clip = models.sdxl_unet(seed=0, dtype=unet_dtype), models.sdxl_clip(seed=0)
         else:
-            model, clip = models.sd15_unet(seed=0), models.clip_l(seed=0)
+            model, clip = models.sd15_unet(seed=0, dtype=unet_dtype), models.clip_l(seed=0)
     latents = torch.randn(4, 4, size // 8, size // 8)
     subject = None
     if masks:
@@ -63,7 +79,8 @@ def worker(name: str, args) -> dict:
     if args.device == "cuda":
         import comfy.model_management
 
-        comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+        with torch.inference_mode():  # as ComfyUI's nodes load models
+            comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -102,7 +119,8 @@ def main() -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     parser.add_argument("--tiny-size", type=int, default=128)
-    parser.add_argument("--sd15-size", type=int, default=128)
+    parser.add_argument("--sd15-size", type=int, default=128, help="SD1.5 and SDXL side by side at this size")
+    parser.add_argument("--sdxl-size", type=int, default=1024, help="SDXL at its own resolution")
     parser.add_argument("--only", choices=sorted(CONFIGS), action="append")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,9 +129,10 @@ def main() -> int:
         return 0
 
     results = {}
-    for name in args.only or CONFIGS:
+    default = [n for n in CONFIGS if args.device == "cuda" or n not in FULL_SDXL]
+    for name in args.only or default:
         command = [sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(args.steps)]
-        command += ["--tiny-size", str(args.tiny_size), "--sd15-size", str(args.sd15_size)]
+        command += ["--tiny-size", str(args.tiny_size), "--sd15-size", str(args.sd15_size), "--sdxl-size", str(args.sdxl_size)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
@@ -133,6 +152,13 @@ def main() -> int:
             f"{r['steps_per_s'] / reference['steps_per_s']:>8.3f} {r['peak_bytes'] / 2**20:>9.1f} "
             f"{r['peak_bytes'] / max(1, reference['peak_bytes']):>8.2f} {r['trainable']:>10,} {r['weights_bytes'] / 2**20:>11.1f}"
         )
+    for sd1, sdxl in (("tiny", "tiny-sdxl"), ("sd15", "sdxl"), ("sd15+ckpt", "sdxl+ckpt")):
+        if sd1 in results and sdxl in results:
+            a, b = results[sd1], results[sdxl]
+            print(
+                f"SDXL vs SD1.x at {a['size']} px ({sdxl} vs {sd1}): {a['steps_per_s'] / b['steps_per_s']:.2f}x time per "
+                f"step, peak {b['peak_bytes'] / max(1, a['peak_bytes']):.2f}x"
+            )
     for plain, masked in (("tiny", "tiny+masks"), ("sd15", "sd15+masks")):
         if plain in results and masked in results:
             slow = results[plain]["steps_per_s"] / results[masked]["steps_per_s"]

@@ -231,9 +231,9 @@ def sdxl_unet_meta():
     return _patcher(base)
 
 
-def sd15_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+def sd15_unet(seed: int = 0, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
     """The full SD1.5 UNet (860 M parameters) with random weights."""
-    return _unet(comfy.supported_models.SD15, SD15_UNET, seed + 1)
+    return _unet(comfy.supported_models.SD15, SD15_UNET, seed + 1, dtype)
 
 
 def clip_l(seed: int = 0) -> comfy.sd.CLIP:
