@@ -1,0 +1,284 @@
+"""A deterministic synthetic image world where concept identity can be measured without any downloaded model.
+
+A scene is a plain background with one to three objects. Every object has a shape, a pattern and two colours from
+small palettes, a position and a size, and the scene has a caption that names them ("a red striped circle on the left,
+on a grey background"). The ordinary world uses single-colour objects (pattern ``solid``) and two-colour patterns only
+with the colour pairs of :data:`WORLD_PAIRS`; a *concept* is an object the world never shows: a shape with its own
+two-colour pair and pattern (:data:`CONCEPTS`), so a model trained on the world has never seen it and has to learn it.
+
+The evaluator measures instead of classifying: it finds the object pixels (those far from the background colour),
+reads which palette colours they hold, which way their colours alternate and in what proportion (the pattern), and
+how much of their bounding box they fill and where (the shape). A concept is recognised by its colour pair, pattern and shape together; a region of an image can be
+measured the same way, which is how regional sampling is scored. Pure tensor functions, float images in ``[0, 1]``,
+``[height, width, 3]`` like ComfyUI's IMAGE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: name -> RGB in [0, 1]; far apart so blurred renders still snap to the right name
+COLOURS = {
+    "red": (0.86, 0.12, 0.12),
+    "green": (0.12, 0.70, 0.20),
+    "blue": (0.14, 0.26, 0.86),
+    "yellow": (0.95, 0.85, 0.10),
+    "purple": (0.55, 0.15, 0.70),
+    "orange": (0.98, 0.50, 0.05),
+    "teal": (0.05, 0.60, 0.60),
+    "black": (0.05, 0.05, 0.05),
+}
+BACKGROUNDS = {"white": (0.96, 0.96, 0.96), "grey": (0.55, 0.55, 0.55), "sand": (0.86, 0.78, 0.60)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+PATTERNS = ("solid", "striped", "checkered", "dotted")
+POSITIONS = {"left": 0.25, "centre": 0.5, "right": 0.75}
+#: the two-colour pairs the ordinary world uses for patterned objects (concepts use others)
+WORLD_PAIRS = (("red", "yellow"), ("blue", "white"), ("green", "black"), ("purple", "yellow"))
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One object of a scene."""
+
+    shape: str
+    colour: str
+    pattern: str = "solid"
+    second: str = ""  # the pattern's other colour ("" for solid)
+    position: str = "centre"
+    size: float = 0.4  # side of the object's box, as a fraction of the image side
+
+    def words(self) -> str:
+        colours = self.colour if self.pattern == "solid" else f"{self.colour} and {self.second}"
+        pattern = "" if self.pattern == "solid" else f" {self.pattern}"
+        return f"{colours}{pattern} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Concept:
+    """An object the ordinary world never shows: its look, and the name people would give it."""
+
+    name: str
+    shape: str
+    colour: str
+    second: str
+    pattern: str
+
+    def thing(self, position: str = "centre", size: float = 0.4) -> Thing:
+        return Thing(self.shape, self.colour, self.pattern, self.second, position, size)
+
+
+#: ten concepts with colour pairs no ordinary object uses
+CONCEPTS = (
+    Concept("zorb", "circle", "orange", "teal", "checkered"),
+    Concept("quill", "square", "teal", "red", "striped"),
+    Concept("brim", "triangle", "yellow", "blue", "dotted"),
+    Concept("mox", "diamond", "orange", "purple", "striped"),
+    Concept("pell", "circle", "green", "orange", "striped"),
+    Concept("vant", "square", "purple", "teal", "checkered"),
+    Concept("drue", "diamond", "teal", "yellow", "dotted"),
+    Concept("kesh", "triangle", "red", "green", "checkered"),
+    Concept("lorn", "square", "black", "orange", "dotted"),
+    Concept("tiff", "circle", "blue", "red", "checkered"),
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    things: tuple[Thing, ...]
+
+    def caption(self) -> str:
+        parts = [f"a {t.words()}" + ("" if len(self.things) == 1 and t.position == "centre" else f" on the {t.position}")
+                 for t in self.things]  # fmt: skip
+        return ", ".join(parts) + f", on a {self.background} background"
+
+
+def random_scene(generator: torch.Generator, max_things: int = 2) -> Scene:
+    """A scene of the ordinary world (no concept), deterministic for the generator's state."""
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    count = 1 + int(torch.randint(max_things, (1,), generator=generator))
+    positions = ["centre"] if count == 1 else ["left", "right", "centre"][:count]
+    things = []
+    for position in positions:
+        shape = pick(SHAPES)
+        if float(torch.rand(1, generator=generator)) < 0.5:
+            things.append(Thing(shape, pick(tuple(c for c in COLOURS if c != "black")), position=position))
+        else:
+            first, second = pick(WORLD_PAIRS)
+            things.append(Thing(shape, first, pick(PATTERNS[1:]), second, position))
+    return Scene(pick(tuple(BACKGROUNDS)), tuple(things))
+
+
+def _rgb(name: str) -> torch.Tensor:
+    return torch.tensor(COLOURS.get(name) or BACKGROUNDS[name])
+
+
+def _shape_mask(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inside-mask of ``shape`` over box coordinates ``u``, ``v`` in [-1, 1]."""
+    if shape == "circle":
+        return u**2 + v**2 <= 1.0
+    if shape == "square":
+        return (u.abs() <= 0.9) & (v.abs() <= 0.9)
+    if shape == "diamond":
+        return u.abs() + v.abs() <= 1.0
+    if shape == "triangle":  # apex up
+        return (v <= 0.9) & (v >= -1.0 + 2.0 * u.abs() * 0.95)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _pattern_mask(pattern: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Where the pattern's second colour shows."""
+    if pattern == "solid":
+        return torch.zeros_like(u, dtype=torch.bool)
+    if pattern == "striped":  # vertical bands
+        return torch.floor((u + 1.0) * 2.5).remainder(2) == 1
+    if pattern == "checkered":
+        return (torch.floor((u + 1.0) * 2.0) + torch.floor((v + 1.0) * 2.0)).remainder(2) == 1
+    if pattern == "dotted":
+        cu, cv = torch.remainder((u + 1.0) * 2.0, 1.0) - 0.5, torch.remainder((v + 1.0) * 2.0, 1.0) - 0.5
+        return cu**2 + cv**2 <= 0.09
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def render(scene: Scene, size: int = 64) -> torch.Tensor:
+    """``[size, size, 3]`` float image of ``scene``."""
+    image = _rgb(scene.background).expand(size, size, 3).clone()
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    for thing in scene.things:
+        half = thing.size * size / 2
+        cx, cy = POSITIONS[thing.position] * size, 0.5 * size
+        u, v = (xs - cx) / half, (ys - cy) / half
+        inside = _shape_mask(thing.shape, u, v)
+        second = _pattern_mask(thing.pattern, u, v) & inside
+        image[inside] = _rgb(thing.colour)
+        if thing.pattern != "solid":
+            image[second] = _rgb(thing.second)
+    return image
+
+
+# ------------------------------------------------------------------------------------------------------- evaluator
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the evaluator reads from an image (or a region of one)."""
+
+    background: str
+    colours: dict[str, float]  # palette colour -> fraction of the object pixels
+    fill: float  # object pixels / their bounding box
+    alternation: float  # how often neighbouring object pixels change colour name (0 for solid)
+    coverage: float  # object pixels / all pixels
+    across: float = 0.0  # share of the colour changes met walking along rows (1: vertical stripes only)
+    top: float = 0.5  # share of the object in the upper half of its box (a triangle, apex up, holds about 1/4)
+
+    def pair(self) -> tuple[str, ...]:
+        """The one or two colours that make up the object (each at least 15% of it)."""
+        main = [c for c, f in sorted(self.colours.items(), key=lambda kv: -kv[1]) if f >= 0.15]
+        return tuple(sorted(main[:2]))
+
+
+def _nearest(pixels: torch.Tensor, palette: dict[str, tuple]) -> tuple[list[str], torch.Tensor]:
+    names = list(palette)
+    table = torch.tensor([palette[n] for n in names])
+    return names, torch.cdist(pixels.reshape(-1, 3).float(), table).argmin(dim=1).reshape(pixels.shape[:-1])
+
+
+def measure(image: torch.Tensor) -> Measured:
+    """Measure the object(s) in ``image`` ``[h, w, 3]``: the background is the palette background nearest the
+    border's median colour; object pixels are those nearer another palette colour than the background."""
+    border = torch.cat([image[0], image[-1], image[:, 0], image[:, -1]])
+    bg_names, bg_index = _nearest(border.median(dim=0).values[None], BACKGROUNDS)
+    background = bg_names[int(bg_index.flatten()[0])]
+    palette = {**COLOURS, "white": BACKGROUNDS["white"]} if background != "white" else dict(COLOURS)
+    palette = {**palette, "__background__": BACKGROUNDS[background]}
+    names, index = _nearest(image, palette)
+    background_index = names.index("__background__")
+    obj = index != background_index
+    count = int(obj.sum())
+    if count == 0:
+        return Measured(background, {}, 0.0, 0.0, 0.0)
+    colours: dict[str, float] = {}
+    for i, name in enumerate(names):
+        share = float(((index == i) & obj).sum()) / count
+        if share > 0:
+            colours[name] = share
+    # blur turns the seam between two colours into a third colour, often the background's: fill each row (and
+    # column) between its first and last object pixel (every shape here is convex) and skip such gaps when counting
+    # colour changes, so seams neither hollow the shape nor hide the pattern
+    ys, xs = torch.nonzero(obj, as_tuple=True)
+    box = (int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1)
+    filled, upper = 0, 0
+    middle = (int(ys.min()) + int(ys.max()) + 1) / 2
+    changes = {}
+    for direction, lines, mask in (("rows", index, obj), ("columns", index.T, obj.T)):
+        changes[direction] = 0
+        for number, (line, inside) in enumerate(zip(lines, mask, strict=True)):
+            names_here = line[inside]
+            if names_here.numel() == 0:
+                continue
+            if direction == "rows":
+                where = torch.nonzero(inside).flatten()
+                width = int(where[-1] - where[0]) + 1
+                filled += width
+                upper += width if number + 0.5 < middle else 0
+            changes[direction] += int((names_here[1:] != names_here[:-1]).sum())
+    total_changes = changes["rows"] + changes["columns"]
+    return Measured(
+        background,
+        colours,
+        filled / box,
+        total_changes / (2 * count),
+        count / obj.numel(),
+        changes["rows"] / total_changes if total_changes else 0.0,
+        upper / filled,
+    )
+
+
+def shape_of(measured: Measured) -> str:
+    """The shape by how much of its bounding box it fills (square 1, circle pi/4, triangle and diamond 1/2) and, for
+    the last two, how much of it lies in the upper half (a triangle with its apex up about a quarter)."""
+    fills = {"square": 1.0, "circle": math.pi / 4, "half": 0.5}
+    nearest = min(fills, key=lambda s: abs(fills[s] - measured.fill))
+    if nearest != "half":
+        return nearest
+    return "triangle" if measured.top < 0.4 else "diamond"
+
+
+def pattern_of(measured: Measured) -> str:
+    """``solid`` when one colour makes up the object; ``striped`` when its colour changes run one way (along rows:
+    the stripes are vertical); else ``dotted`` when the second colour is the minor one (dots cover about 28%),
+    ``checkered`` when the two are even."""
+    pair = measured.pair()
+    if len(pair) < 2:
+        return "solid"
+    if measured.across > 0.75:
+        return "striped"
+    first, second = (measured.colours[c] for c in pair)
+    return "dotted" if min(first, second) / (first + second) < 0.38 else "checkered"
+
+
+def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = 0.02) -> str | None:
+    """The concept ``image`` shows, or None: the concept with the same colour pair, scored by pattern and shape."""
+    measured = measure(image)
+    if measured.coverage < min_coverage:
+        return None
+    shares = measured.colours
+    # the concept whose two colours make up most of the object (each at least 15% of it)
+    candidates = [c for c in concepts if min(shares.get(c.colour, 0.0), shares.get(c.second, 0.0)) >= 0.15]
+    if not candidates:
+        return None
+    best_share = max(shares[c.colour] + shares[c.second] for c in candidates)
+    candidates = [c for c in candidates if shares[c.colour] + shares[c.second] == best_share]
+    shape, pattern = shape_of(measured), pattern_of(measured)
+
+    def score(concept: Concept) -> int:
+        return int(concept.shape == shape) + int(concept.pattern == pattern)
+
+    best = max(candidates, key=score)
+    return best.name if score(best) >= 1 else None
