@@ -508,3 +508,44 @@ def test_regions_and_per_region_control_strength_with_an_sdxl_controlnet(sdxl_co
     assert torch.allclose(sample(comfy_nodes, strength("[0, 0, 128, 128]-0.8"), *controlled), with_control, rtol=1e-5, atol=1e-4)
     half = sample(comfy_nodes, strength("[0, 0, 64, 128]-0.0"), *controlled)
     assert not torch.allclose(half, without) and not torch.allclose(half, with_control)
+
+
+def test_train_node_on_sdxl_previews_saves_and_resumes(sdxl, sd1, sdxl_concept, monkeypatch):
+    """The node end to end on the tiny SDXL: samples of the concept while it trains (ADM-conditioned sampling), a
+    version-2 file the loader reads, and a resumed run from it; an SD1.x file to resume from is refused."""
+    import comfy.utils
+
+    model, clip, vae = sdxl
+    directory, _, _ = sdxl_concept
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: seen.append(preview))
+    images, masks = disc_images(count=2)
+    common = dict(
+        model=model, clip=clip, vae=vae, images=images, masks=masks, concept_words="<sx1>+<sx2>", class_word="dog",
+        captions="", caption_template="a photo of <TOK>", resolution=128, rank=4, batch_size=1, seed=0,
+        lr_embedding=1e-3, lr_text_encoder=1e-5, lr_unet=1e-4, weight_decay=0.01, noise_offset=0.0,
+        embedding_norm_threshold=0.55, mask_loss=True, attention_reg_weight=0.01, gradient_checkpointing=False,
+        save_pth=False, overwrite=False,
+    )  # fmt: skip
+    with torch.inference_mode():
+        first = TrainEDLoRA.execute(**common, steps=2, filename="sdxl_trained", preview_every=1)
+    pictures = [p[1] for p in seen if p is not None]
+    assert len(pictures) >= 3 and pictures[-1].size == (256, 256 + 128), "samples shown above the loss curve"
+    saved = load_edlora(str(directory / "sdxl_trained.safetensors"))
+    assert saved.architecture == "SDXL" and saved.layers == 11 and saved.encoders == {"l": 64, "g": 96}
+    assert saved.layer_map == [unit for unit, _ in SDXL_UNITS]
+    _, loaded_clip, concepts = load(model, clip, "sdxl_trained.safetensors")
+    assert layer_stack_of(encode(loaded_clip, "a <sx1> <sx2>", concepts)[0]).shape[1] == 11
+    with torch.inference_mode():
+        more = TrainEDLoRA.execute(
+            **common, steps=1, filename="sdxl_more", preview_every=0, resume_from="sdxl_trained.safetensors"
+        )
+    assert "1 steps more, from sdxl_trained.safetensors" in more.ui.as_dict()["text"][0]
+    assert first.args[3] == "sdxl_trained.safetensors"
+    save(
+        make_edlora(sd1[0], sd1[1], words=("<sx1>", "<sx2>"), seed=5, name="sd1_start.safetensors"),
+        directory,
+        "sd1_start.safetensors",
+    )
+    with pytest.raises(EDLoRAError, match=r"'sd1_start.safetensors' is an SD1.x ED-LoRA"):
+        TrainEDLoRA.execute(**common, steps=1, filename="sdxl_bad", preview_every=0, resume_from="sd1_start.safetensors")
