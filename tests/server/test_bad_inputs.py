@@ -25,7 +25,7 @@ BAD_FILES = {
     "bad_layers7.pth": r"'bad_layers7\.pth': concept embeddings have 7 layer-wise vectors per word but the connected model has 16",
     "bad_layers400.pth": r"'bad_layers400\.pth': concept embeddings have 400 layer-wise vectors per word",
     # a stack with a 768-wide concept already refuses it; alone it meets the model's text encoder
-    "bad_width.pth": r"'bad_width\.pth'(: concept embeddings are 1024 wide \\(l 1024\\) but the connected text encoder uses 768| has 1024-wide)",
+    "bad_width.pth": r"'bad_width\.pth'(: concept embeddings are 1024 wide \(l 1024\) but the connected text encoder uses 768| has 1024-wide)",
     "bad_keys.pth": r"'bad_keys\.pth': 1 of 129 UNet LoRA modules do not exist in the connected model \(first: 'down_blocks\.7\.",
 }
 FILE_LEVEL = ("bad_nan.safetensors", "bad_inf.pth")  # damage visible without a model: the converter refuses these too
