@@ -146,12 +146,11 @@ def _unet(config_cls, unet_config: dict, seed: int, dtype: torch.dtype = torch.f
     return _patcher(base)
 
 
-def _clip(seed: int, clip_config: dict | None) -> comfy.sd.CLIP:
-    options = {"dtype": torch.float32}
-    if clip_config is not None:
-        options["clip_l_model_config"] = clip_config
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target=target, model_options=options)
+def _random_clip(tokenizer, text_model, seed: int, **configs) -> comfy.sd.CLIP:
+    """A float32 CLIP of ComfyUI's ``text_model`` class with deterministic random weights; ``configs`` override the
+    encoders' sizes (``clip_l_model_config=...``)."""
+    target = comfy.supported_models_base.ClipTarget(tokenizer, text_model)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, **configs})
     init_weights(clip.cond_stage_model, seed)
     # a real CLIP's token embeddings are much larger than its other weights; keep that ratio
     with torch.no_grad():
@@ -159,6 +158,11 @@ def _clip(seed: int, clip_config: dict | None) -> comfy.sd.CLIP:
             if name.endswith("token_embedding.weight"):
                 param.mul_(5.0)
     return clip
+
+
+def _clip(seed: int, clip_config: dict | None) -> comfy.sd.CLIP:
+    configs = {"clip_l_model_config": clip_config} if clip_config is not None else {}
+    return _random_clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, seed, **configs)
 
 
 def _vae(seed: int, ddconfig: dict) -> comfy.sd.VAE:
@@ -186,18 +190,11 @@ class _TinySDXL(comfy.supported_models.SDXL):
 def _sdxl_clip(seed: int, tiny: bool) -> comfy.sd.CLIP:
     import comfy.sdxl_clip
 
-    options = {"dtype": torch.float32}
+    configs = {}
     if tiny:
         # SDXL reads the penultimate layer of both encoders, so each needs at least three
-        options.update(clip_l_model_config={**TINY_CLIP, "num_hidden_layers": 3}, clip_g_model_config=TINY_CLIP_G)
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    clip = comfy.sd.CLIP(target=target, model_options=options)
-    init_weights(clip.cond_stage_model, seed)
-    with torch.no_grad():
-        for name, param in clip.cond_stage_model.named_parameters():
-            if name.endswith("token_embedding.weight"):
-                param.mul_(5.0)
-    return clip
+        configs = dict(clip_l_model_config={**TINY_CLIP, "num_hidden_layers": 3}, clip_g_model_config=TINY_CLIP_G)
+    return _random_clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel, seed, **configs)
 
 
 def tiny_sdxl(seed: int = 0):

@@ -74,6 +74,43 @@ class Layout:
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # per node id, overriding SIZES
 
 
+def _single_concept_rows(model_title: str) -> list:
+    """Note | model and concept | prompts | sample and save (the single-concept workflows, SD1.x and SDXL)."""
+    return [
+        [
+            [Block(None, [[NOTE]])],
+            [Block(model_title, [["1", "2"]], "#3f789e")],
+            [Block("2  Prompts", [["3", "4", "5"]], "#8a6e2f")],
+            [Block("3  Sample and save", [["6", "7"], ["8"]], "#4f7a3a")],
+        ]
+    ]
+
+
+#: node sizes of the fuse-then-one-character-per-region workflows (SD1.x and SDXL)
+FUSE_LORAS_REGIONAL_SIZES = {
+    "2": (340, 150),
+    "3": (340, 150),
+    "4": (340, 150),
+    "6": (400, 220),
+    "7": (380, 300),
+    "11": (280, 260),
+}
+
+
+def _fuse_loras_regional_rows() -> list:
+    """Base model | characters | fuse, then one character per region and sampling below."""
+    return [
+        [
+            [Block(None, [[NOTE]]), Block("1  Base model", [["1"]], "#3f789e")],
+            [Block("2  Characters", [["2", "3", "4"]], "#8a6e2f")],
+            [Block("3  Fuse", [["5"]], "#a1309b")],
+        ],
+        [
+            [Block("4  One character per region, then sample", [["6", "8"], ["7"], ["9", "10"], ["11"]], "#4f7a3a")],
+        ],
+    ]
+
+
 LAYOUTS = {
     "edlora_single_concept": Layout(
         note=(
@@ -83,14 +120,7 @@ LAYOUTS = {
             "**Files:** an SD1.x checkpoint in `models/checkpoints`; an ED-LoRA in `models/edloras`.\n\n"
             "MoS Text Encode gives every cross-attention layer its own concept vectors; the negative is a plain prompt."
         ),
-        rows=[
-            [
-                [Block(None, [[NOTE]])],
-                [Block("1  Model and concept", [["1", "2"]], "#3f789e")],
-                [Block("2  Prompts", [["3", "4", "5"]], "#8a6e2f")],
-                [Block("3  Sample and save", [["6", "7"], ["8"]], "#4f7a3a")],
-            ]
-        ],
+        rows=_single_concept_rows("1  Model and concept"),
     ),
     "gradient_fusion_three_concepts": Layout(
         note=(
@@ -120,17 +150,8 @@ LAYOUTS = {
             "Fusion takes minutes on a GPU; the seed is fixed so a second Run reuses it."
         ),
         note_size=(340, 290),
-        sizes={"2": (340, 150), "3": (340, 150), "4": (340, 150), "6": (400, 220), "7": (380, 300), "11": (280, 260)},
-        rows=[
-            [
-                [Block(None, [[NOTE]]), Block("1  Base model", [["1"]], "#3f789e")],
-                [Block("2  Characters", [["2", "3", "4"]], "#8a6e2f")],
-                [Block("3  Fuse", [["5"]], "#a1309b")],
-            ],
-            [
-                [Block("4  One character per region, then sample", [["6", "8"], ["7"], ["9", "10"], ["11"]], "#4f7a3a")],
-            ],
-        ],
+        sizes=FUSE_LORAS_REGIONAL_SIZES,
+        rows=_fuse_loras_regional_rows(),
     ),
     "regional_three_concepts_sketch": Layout(
         note=(
@@ -162,14 +183,7 @@ LAYOUTS = {
             "**Files:** an SDXL checkpoint in `models/checkpoints`; an SDXL ED-LoRA in `models/edloras`.\n\n"
             "An SD1.x ED-LoRA is refused on SDXL by name (and the reverse)."
         ),
-        rows=[
-            [
-                [Block(None, [[NOTE]])],
-                [Block("1  SDXL model and concept", [["1", "2"]], "#3f789e")],
-                [Block("2  Prompts", [["3", "4", "5"]], "#8a6e2f")],
-                [Block("3  Sample and save", [["6", "7"], ["8"]], "#4f7a3a")],
-            ]
-        ],
+        rows=_single_concept_rows("1  SDXL model and concept"),
     ),
     "sdxl_fuse_loras_regional": Layout(
         note=(
@@ -183,17 +197,8 @@ LAYOUTS = {
             "so a second Run reuses it."
         ),
         note_size=(340, 330),
-        sizes={"2": (340, 150), "3": (340, 150), "4": (340, 150), "6": (400, 220), "7": (380, 300), "11": (280, 260)},
-        rows=[
-            [
-                [Block(None, [[NOTE]]), Block("1  Base model", [["1"]], "#3f789e")],
-                [Block("2  Characters", [["2", "3", "4"]], "#8a6e2f")],
-                [Block("3  Fuse", [["5"]], "#a1309b")],
-            ],
-            [
-                [Block("4  One character per region, then sample", [["6", "8"], ["7"], ["9", "10"], ["11"]], "#4f7a3a")],
-            ],
-        ],
+        sizes=FUSE_LORAS_REGIONAL_SIZES,
+        rows=_fuse_loras_regional_rows(),
     ),
     "train_edlora_from_folder": Layout(
         note=(
