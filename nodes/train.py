@@ -84,7 +84,7 @@ class LoadTrainingImages(MoSNode):
                     default=512,
                     min=64,
                     max=2048,
-                    step=64,
+                    step=8,
                     tooltip="Side of the square crops: 512 for SD1.x, 1024 for SDXL (images "
                     "smaller than this on their short side are refused).",
                 ),
@@ -183,7 +183,7 @@ class TrainEDLoRA(MoSNode):
                     default=0,
                     min=0,
                     max=2048,
-                    step=64,
+                    step=8,
                     tooltip="Training resolution (square). 0: the model's own, 512 for SD1.x and 1024 for SDXL. Images "
                     "smaller than it on their short side are refused.",
                 ),

@@ -62,8 +62,12 @@ def prepare_images(
     (upscaled photos teach the model blur); a mask must match its image's size and cover something. ``names`` (e.g.
     quoted file names) make the messages name the image instead of giving its position.
     """
-    if resolution < 64 or resolution % 64:
-        raise EDLoRAError(f"resolution {resolution}: use a multiple of 64 (512 for SD1.x as the original trains, 1024 for SDXL).")
+    if resolution < 64 or resolution % 8:
+        # ComfyUI's UNets take any latent size (their upsamplers follow the skip connections), so the VAE's 8-pixel
+        # cell is the only constraint
+        raise EDLoRAError(
+            f"resolution {resolution}: use at least 64 and a multiple of 8 (512 for SD1.x as the original trains, 1024 for SDXL)."
+        )
     if not images:
         raise EDLoRAError("No training images were given.")
     if masks is not None and len(masks) != len(images):

@@ -39,7 +39,7 @@ import torch
 from ..edlora.apply import fit_to_model, text_embedding_width, token_embedding
 from ..edlora.arch import cross_attention_sites, layer_count, require_supported, text_encoder_widths
 from ..edlora.concepts import ConceptEntry, ConceptSet
-from ..edlora.encode import LayerwiseTokens, encoder_slices, layerwise_tokens, single_token
+from ..edlora.encode import LayerwiseTokens, encoder_slices, layerwise_tokens, plain_tokens, single_token
 from ..edlora.errors import derived_seed
 from ..edlora.format import EDLoRA, EDLoRAError, LoRAPair
 from ..edlora.prompt import layer_variants
@@ -222,8 +222,6 @@ def check_trainable(model, clip, settings: TrainSettings) -> None:
         value = getattr(settings, name)
         if not math.isfinite(value) or value < 0:
             raise EDLoRAError(f"MoS Train ED-LoRA: {name} must be a finite number of at least 0, got {value!r}.")
-    if not settings.words:
-        raise EDLoRAError("An ED-LoRA needs at least one concept word.")
     require_supported(model, clip, "MoS Train ED-LoRA")
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
@@ -294,16 +292,18 @@ class _Session:
         self.encoders = text_encoder_widths(clip)
         self.layer_map = list(dict.fromkeys(site.unit for site in sites))
         self.concepts = ConceptSet().add(ConceptEntry(start))
-        self.captions = [_caption_tokens(clip, self.concepts, prompt, self.words) for prompt in data.prompts]
+        # no concept words: an ordinary LoRA (the paper's LoRA baseline), its captions encoded as they are
+        self.plain = not self.words
 
         self.model = model.clone()
         install_layer_routing(self.model)
         use_masks = data.subject_masks is not None
-        self.probe = AttentionProbe() if use_masks and settings.attention_reg_weight > 0 else None
+        self.probe = AttentionProbe() if use_masks and settings.attention_reg_weight > 0 and self.words else None
         if self.probe is not None:
             for site in sites:
                 self.model.set_model_attn2_replace(self.probe, *site.key)
         self.clip = clip.clone()
+        self.captions = [self.caption(prompt) for prompt in data.prompts]
 
         with torch.inference_mode():  # ComfyUI loads (and on CUDA casts) weights in inference mode, as its nodes run
             comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
@@ -334,13 +334,28 @@ class _Session:
             latent_masks(self.subject_masks, tuple(self.latents.shape[-2:])) if use_masks and settings.mask_loss else None
         )
 
+    def caption(self, prompt: str) -> _Caption:
+        if self.plain:
+            return _Caption(plain_tokens(self.clip, prompt), [])
+        return _caption_tokens(self.clip, self.concepts, prompt, self.words)
+
+    def encode(self, captions: list[_Caption]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([B, layers, tokens, width], pooled or None)``: layer-wise with the live vectors, or (no concept words) one
+        plain encoding that serves every layer."""
+        if not self.plain:
+            return _encode(self.clip, captions, self.embeddings, self.layers)
+        out = [self.clip.cond_stage_model.encode_token_weights(c.tokens.base)[:2] for c in captions]
+        context = torch.cat([cond for cond, _ in out])[:, None].expand(-1, self.layers, -1, -1)
+        pooled = torch.cat([pool for _, pool in out]) if out[0][1] is not None else None
+        return context, pooled
+
     def losses(self, index: list[int], timesteps: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(denoising MSE, attention regulariser)`` of images ``index`` at DDPM ``timesteps`` with ``noise``."""
         x0, noise = self.latents[index].to(self.device), noise.to(self.device)
         sigma = self.sampling.sigma(timesteps.to(self.device).float())
         x_in = self.sampling.calculate_input(sigma, self.sampling.noise_scaling(sigma, noise, x0))
         captions = [self.captions[i] for i in index]
-        context, pooled = _encode(self.clip, captions, self.embeddings, self.layers)
+        context, pooled = self.encode(captions)
         context = context.to(device=self.device, dtype=self.dtype)
         # what ComfyUI's sampler hands the UNet: the patcher's patches, its wrappers (our layer routing among
         # them) and the batch description
@@ -370,8 +385,7 @@ class _Session:
     def sample(self, preview: Preview) -> torch.Tensor:
         """A latent of the concept with the vectors and adapters of this moment, sampled the way samplers run."""
         with torch.no_grad():
-            caption = _caption_tokens(self.clip, self.concepts, preview.prompt, self.words)
-            context, pooled = _encode(self.clip, [caption], self.embeddings, self.layers)
+            context, pooled = self.encode([self.caption(preview.prompt)])
             extra = {"pooled_output": pooled.detach().cpu()} if pooled is not None else {}
             positive = [layerwise_conditioning(context.detach().cpu().float(), extra)]
             negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
@@ -435,7 +449,8 @@ def train_edlora(
 ) -> TrainResult:
     """Train an ED-LoRA for ``settings.words`` on ``data``; ``model``/``clip`` are never modified.
 
-    ``start`` continues from an existing ED-LoRA instead of :func:`initial_edlora` (its words, rank and vectors; if
+    With no concept words (``settings.words == ()``) it trains the adapters alone on captions as written: an
+    ordinary LoRA, the paper's LoRA baseline (MoS Train ED-LoRA itself always has words). ``start`` continues from an existing ED-LoRA instead of :func:`initial_edlora` (its words, rank and vectors; if
     its vectors already reached the freeze threshold they stay frozen). ``on_step(step, total, loss)`` runs after
     every optimiser step; an exception it raises (ComfyUI's interrupt) ends the run with every model object restored
     and nothing returned. ``preview`` samples the concept with the weights of the moment every few steps.
@@ -473,7 +488,7 @@ def train_edlora(
             )
         order: list[int] = []
         threshold = settings.embedding_norm_threshold
-        if 0 < threshold <= mean_embedding_norm(run.embeddings):  # resumed from vectors that had already stopped
+        if run.embeddings and 0 < threshold <= mean_embedding_norm(run.embeddings):  # resumed from vectors that had already stopped
             result.frozen_at = 0
             for vector in run.embeddings.values():
                 vector.requires_grad_(False)
@@ -499,7 +514,7 @@ def train_edlora(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(float(loss.detach()))
-            result.embedding_norms.append(mean_embedding_norm(run.embeddings))
+            result.embedding_norms.append(mean_embedding_norm(run.embeddings) if run.embeddings else 0.0)
             if result.frozen_at is None and 0 < threshold <= result.embedding_norms[-1]:
                 result.frozen_at = step + 1
                 for vector in run.embeddings.values():

@@ -518,3 +518,30 @@ def test_training_folders_stay_inside_the_input_directory(tmp_path, monkeypatch)
     assert LoadTrainingImages.fingerprint_inputs("concept", 512) != first, "a new caption is seen"
     images, masks, captions = LoadTrainingImages.execute("concept", 64).args
     assert images.shape == (2, 64, 64, 3) and captions.split("\n") == ["<TOK> in blue", ""]
+
+
+def test_no_concept_words_trains_an_ordinary_lora(comfy_tiny, disc_data, fixed_noise, tmp_path):
+    """The paper's LoRA baseline: adapters only, the captions as written; its kohya file goes through ComfyUI's own
+    LoRA key maps and fits the same layers."""
+    import comfy.utils
+
+    from mixofshow.edlora.apply import concept_patches
+    from mixofshow.edlora.concepts import ConceptEntry
+    from mixofshow.edlora.format import to_kohya_state_dict
+    from mixofshow.edlora.loras import load_lora_file
+
+    model, clip, _ = comfy_tiny
+    data = TrainingData(disc_data.latents, ["a photo of a zorb disc"] * 4, disc_data.subject_masks)
+    settings = TrainSettings(**{**FAST, "words": ()}, steps=30, batch_size=2, seed=0)
+    with torch.inference_mode():
+        result = train_edlora(model, clip, data, settings)
+    assert result.edlora.embeddings == {} and result.edlora.words == []
+    assert set(result.edlora.unet) == {t.name for t in unet_attention_targets(model)}
+    before = evaluate_losses(model, clip, initial_edlora(model, clip, settings), data, settings, *fixed_noise)
+    after = evaluate_losses(model, clip, result.edlora, data, settings, *fixed_noise)
+    assert after[0] < 0.97 * before[0], (before, after)
+    path = str(tmp_path / "zorb.safetensors")
+    comfy.utils.save_torch_file(to_kohya_state_dict(result.edlora), path)
+    entry = ConceptEntry(result.edlora, lora=load_lora_file(path), prompts=("a photo of a zorb disc",))
+    unet, text, unused = concept_patches(entry, model, clip)
+    assert unused == [] and len(unet) == len(result.edlora.unet) and len(text) == len(result.edlora.text_encoder)

@@ -58,7 +58,7 @@ def test_prepare_images_mixed_sizes_and_masks():
         prepare_images(images, [torch.ones(10, 10), masks[1], masks[2]], 64)
     with pytest.raises(EDLoRAError, match="2 masks were given for 3 images"):
         prepare_images(images, masks[:2], 64)
-    with pytest.raises(EDLoRAError, match="multiple of 64"):
+    with pytest.raises(EDLoRAError, match="multiple of 8"):
         prepare_images(images, None, 100)
 
 
