@@ -35,6 +35,8 @@ BACKGROUNDS = {"white": (0.96, 0.96, 0.96), "grey": (0.55, 0.55, 0.55), "sand": 
 SHAPES = ("circle", "square", "triangle", "diamond")
 PATTERNS = ("solid", "striped", "checkered", "dotted")
 POSITIONS = {"left": 0.25, "centre": 0.5, "right": 0.75}
+#: object size (fraction of the image side) by number of objects: three side by side must not overlap
+SIZES = {1: 0.45, 2: 0.4, 3: 0.26}
 #: the two-colour pairs the ordinary world uses for patterned objects (concepts use others)
 WORLD_PAIRS = (("red", "yellow"), ("blue", "white"), ("green", "black"), ("purple", "yellow"))
 
@@ -104,15 +106,32 @@ def random_scene(generator: torch.Generator, max_things: int = 2) -> Scene:
 
     count = 1 + int(torch.randint(max_things, (1,), generator=generator))
     positions = ["centre"] if count == 1 else ["left", "right", "centre"][:count]
+    size = SIZES[count]
     things = []
     for position in positions:
         shape = pick(SHAPES)
         if float(torch.rand(1, generator=generator)) < 0.5:
-            things.append(Thing(shape, pick(tuple(c for c in COLOURS if c != "black")), position=position))
+            things.append(Thing(shape, pick(tuple(c for c in COLOURS if c != "black")), position=position, size=size))
         else:
             first, second = pick(WORLD_PAIRS)
-            things.append(Thing(shape, first, pick(PATTERNS[1:]), second, position))
+            things.append(Thing(shape, first, pick(PATTERNS[1:]), second, position, size))
     return Scene(pick(tuple(BACKGROUNDS)), tuple(things))
+
+
+def broader_scene(generator: torch.Generator, max_things: int = 2) -> Scene:
+    """A scene beyond the ordinary world, for training a VAE that has seen more than the captions describe (as a real
+    VAE has): patterned objects take any two colours, except the pairs of the :data:`CONCEPTS`."""
+    scene = random_scene(generator, max_things)
+    reserved = {frozenset((c.colour, c.second)) for c in CONCEPTS}
+    names = list(COLOURS)
+    pairs = [(a, b) for a in names for b in names if a != b and frozenset((a, b)) not in reserved]
+    things = []
+    for thing in scene.things:
+        if thing.pattern != "solid":
+            first, second = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+            thing = Thing(thing.shape, first, thing.pattern, second, thing.position, thing.size)
+        things.append(thing)
+    return Scene(scene.background, tuple(things))
 
 
 def _rgb(name: str) -> torch.Tensor:
@@ -176,6 +195,7 @@ class Measured:
     coverage: float  # object pixels / all pixels
     across: float = 0.0  # share of the colour changes met walking along rows (1: vertical stripes only)
     top: float = 0.5  # share of the object in the upper half of its box (a triangle, apex up, holds about 1/4)
+    centre_x: float = 0.5  # the object pixels' mean column, as a fraction of the width
 
     def pair(self) -> tuple[str, ...]:
         """The one or two colours that make up the object (each at least 15% of it)."""
@@ -237,6 +257,7 @@ def measure(image: torch.Tensor) -> Measured:
         count / obj.numel(),
         changes["rows"] / total_changes if total_changes else 0.0,
         upper / filled,
+        (float(xs.float().mean()) + 0.5) / image.shape[1],
     )
 
 
@@ -261,6 +282,11 @@ def pattern_of(measured: Measured) -> str:
         return "striped"
     first, second = (measured.colours[c] for c in pair)
     return "dotted" if min(first, second) / (first + second) < 0.38 else "checkered"
+
+
+def position_of(measured: Measured) -> str:
+    """The caption position (left, centre, right) nearest the objects' mean column."""
+    return min(POSITIONS, key=lambda p: abs(POSITIONS[p] - measured.centre_x))
 
 
 def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = 0.02) -> str | None:

@@ -45,8 +45,9 @@ def denoiser_outputs(model, positive, latent: torch.Tensor, sigmas: list[float],
     return outputs
 
 
-def identity_drift(model, clip, fused: FusedModel) -> dict[str, float]:
+def identity_drift(model, clip, fused: FusedModel, resolution: int = DRIFT_RESOLUTION) -> dict[str, float]:
     """Per concept: ``||eps_fused - eps_single|| / ||eps_single||`` on the concept's prompt at a few noise levels.
+    (``resolution``: the square latent's side in pixels; models trained at another size use their own.)
 
     ``eps_single`` comes from the base model with only that concept's own LoRA (at its fusion strengths), the
     reference the fusion tries to preserve; ``eps_fused`` from the fused model with the same prompt (the concept's
@@ -55,7 +56,7 @@ def identity_drift(model, clip, fused: FusedModel) -> dict[str, float]:
     fused_model, fused_clip = fused.apply(model, clip)
     sampling = model.get_model_object("model_sampling")
     sigmas = [min(max(s, float(sampling.sigma_min)), float(sampling.sigma_max)) for s in DRIFT_SIGMAS]
-    side = DRIFT_RESOLUTION // 8
+    side = resolution // 8
     latent = torch.zeros(1, 4, side, side)
     out = {}
     for index, entry in enumerate(fused.concepts.entries):

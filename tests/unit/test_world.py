@@ -16,6 +16,7 @@ from mixofshow.devkit.world import (
     identify,
     measure,
     pattern_of,
+    position_of,
     random_scene,
     render,
     shape_of,
@@ -68,6 +69,9 @@ def test_a_region_of_an_image_is_measured_on_its_own():
     left, right = CONCEPTS[0], CONCEPTS[1]
     image = render(Scene("white", (left.thing("left", 0.35), right.thing("right", 0.35))), 96)
     assert identify(image[:, :48]) == left.name and identify(image[:, 48:]) == right.name
+    for position in ("left", "centre", "right"):
+        measured = measure(render(Scene("sand", (left.thing(position),)), 96))
+        assert position_of(measured) == position, measured.centre_x
 
 
 def test_shapes_and_patterns_are_read_back():
@@ -86,3 +90,22 @@ def test_shapes_and_patterns_are_read_back():
                     wrong[kind].append((shape, pattern, background, first))
     assert wrong["sharp"] == []
     assert len(wrong["blurred"]) <= 0.05 * cases, wrong["blurred"]  # seams blur into other palette colours
+
+
+def test_the_world_vae_starts_as_an_exact_block_average_that_comfyui_loads_as_taesd():
+    """The world model's VAE layout is one ComfyUI's own VAE class builds (TAESD, from its keys), and its starting point
+    reproduces an image made of 8x8 blocks exactly: training only adds what averaging loses."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    from mixofshow.devkit.world_model import block_average_taesd
+
+    vae = comfy.sd.VAE(sd=block_average_taesd().state_dict())
+    assert isinstance(vae.first_stage_model, comfy.taesd.taesd.TAESD)
+    blocks = torch.rand(1, 4, 4, 3, generator=torch.Generator().manual_seed(0))
+    image = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2)  # [1, 32, 32, 3]
+    latent = vae.encode(image)
+    assert latent.shape == (1, 4, 4, 4)
+    assert torch.allclose(vae.decode(latent).float(), image, atol=2e-3)
+    sharp = render(Scene("white", (CONCEPTS[0].thing(size=0.6),)), 128)
+    assert identify(vae.decode(vae.encode(sharp[None]))[0].float()) == CONCEPTS[0].name

@@ -1,0 +1,159 @@
+"""The ten world concepts trained on the world model: their training images, captions and recipe, and the cached files.
+
+Each concept (:data:`devkit.world.CONCEPTS`, looks the world never shows) is trained twice from the same six renders
+(three positions on three backgrounds, subject masks from the render): as an ED-LoRA through the pack's own MoS Train
+ED-LoRA node (words ``<zorb1> <zorb2>``, the class word its shape), and as an ordinary LoRA (adapters only, the
+concept named by its plain word ``zorb``), the paper's LoRA baseline. Files are cached in
+``<world cache>/concepts`` with a stamp of the recipe; a second call with the same recipe reuses them. Training runs
+under bfloat16 autocast on the CPU (the weights stay float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import comfy.utils
+import torch
+
+from ..edlora.format import load_edlora, to_kohya_state_dict
+from ..training.loop import TrainingData, TrainSettings, encode_training_latents, train_edlora
+from . import world, world_model
+
+#: where each concept is shown while it trains; evaluation uses other position/background pairs
+TRAIN_PLACES = [
+    ("left", "white"),
+    ("centre", "grey"),
+    ("right", "sand"),
+    ("centre", "white"),
+    ("left", "sand"),
+    ("right", "grey"),
+]
+
+
+def _read(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
+def concepts_dir() -> str:
+    return os.path.join(world_model.cache_dir(), "concepts")
+
+
+def phrase(subject: str, position: str, background: str) -> str:
+    """A caption in the world's own form (a centred single object names no position)."""
+    where = "" if position == "centre" else f" on the {position}"
+    return f"a {subject}{where}, on a {background} background"
+
+
+def ed_subject(concept) -> str:
+    return f"<{concept.name}1> <{concept.name}2>"
+
+
+@dataclass(frozen=True)
+class ConceptRecipe:
+    """How every concept is trained (the ED-LoRA node's inputs; the LoRA uses the same numbers, adapters only)."""
+
+    steps: int = 30
+    batch_size: int = 1
+    rank: int = 4
+    lr_embedding: float = 5e-3
+    lr_text_encoder: float = 1e-4
+    lr_unet: float = 1e-3
+    # the world's random CLIP-L has token embeddings of norm ~2.8 (a real CLIP-L's are ~0.4), so the original's
+    # 0.55 norm threshold would freeze the vectors at once: off
+    embedding_norm_threshold: float = 0.0
+
+
+def concept_images(concept, places=TRAIN_PLACES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [N, S, S, 3], subject masks [N, S, S])`` of ``concept`` at the training places."""
+    scenes = [world.Scene(bg, (concept.thing(position),)) for position, bg in places]
+    images = torch.stack([world.render(s, world_model.IMAGE_SIZE) for s in scenes])
+    masks = torch.stack([world.render(world.Scene("white", s.things), world_model.IMAGE_SIZE) for s in scenes])
+    masks = ((masks - torch.tensor(world.BACKGROUNDS["white"])).abs().amax(dim=-1) > 0.05).float()
+    return images, masks
+
+
+def train_concepts(
+    model, clip, vae, concepts=world.CONCEPTS, recipe: ConceptRecipe = ConceptRecipe(), report=print, folder: str | None = None
+) -> dict:
+    """``name -> (EDLoRA, kohya LoRA path)`` for ``concepts`` on the world model, trained now or reused from
+    ``folder`` (default :func:`concepts_dir`) when the same recipe made them. The ED-LoRA comes from the MoS Train
+    ED-LoRA node itself; the LoRA from the same training function without concept words."""
+    import folder_paths
+
+    from ..nodes.train import TrainEDLoRA
+
+    folder = folder or concepts_dir()
+    os.makedirs(folder, exist_ok=True)
+    folder_paths.add_model_folder_path("edloras", folder, is_default=True)
+    out = {}
+    for index, concept in enumerate(concepts):
+        images, masks = concept_images(concept)
+        key = json.dumps({**recipe.__dict__, "seed": index, "concept": concept.__dict__}, sort_keys=True)
+        ed_path, lora_path = (os.path.join(folder, f"world_{concept.name}{s}.safetensors") for s in ("", "_lora"))
+        stamp = os.path.join(folder, f"world_{concept.name}.json")
+        fresh = not (_read(stamp) == key and os.path.isfile(ed_path) and os.path.isfile(lora_path))
+        if fresh:
+            started = time.time()
+            captions = "\n".join(phrase("<TOK>", p, bg) for p, bg in TRAIN_PLACES)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                TrainEDLoRA.execute(
+                    model=model,
+                    clip=clip,
+                    vae=vae,
+                    images=images,
+                    masks=masks,
+                    concept_words=f"<{concept.name}1>+<{concept.name}2>",
+                    class_word=concept.shape,
+                    captions=captions,
+                    caption_template="a <TOK>",
+                    resolution=images.shape[1],
+                    rank=recipe.rank,
+                    steps=recipe.steps,
+                    batch_size=recipe.batch_size,
+                    seed=index,
+                    lr_embedding=recipe.lr_embedding,
+                    lr_text_encoder=recipe.lr_text_encoder,
+                    lr_unet=recipe.lr_unet,
+                    weight_decay=0.01,
+                    noise_offset=0.01,
+                    embedding_norm_threshold=recipe.embedding_norm_threshold,
+                    mask_loss=True,
+                    attention_reg_weight=0.01,
+                    gradient_checkpointing=False,
+                    filename=f"world_{concept.name}",
+                    save_pth=False,
+                    overwrite=True,
+                    preview_every=0,
+                )
+                ed_seconds = time.time() - started
+                latents = encode_training_latents(vae, model, images)
+                data = TrainingData(latents, [phrase(concept.name, p, bg) for p, bg in TRAIN_PLACES], masks[:, None])
+                settings = TrainSettings(
+                    words=(),
+                    rank=recipe.rank,
+                    steps=recipe.steps,
+                    batch_size=recipe.batch_size,
+                    seed=index,
+                    lr_text_encoder=recipe.lr_text_encoder,
+                    lr_unet=recipe.lr_unet,
+                )
+                plain = train_edlora(model, clip, data, settings, name=os.path.basename(lora_path))
+            comfy.utils.save_torch_file(to_kohya_state_dict(plain.edlora), lora_path)
+            with open(stamp, "w") as f:
+                f.write(key)
+            report(f"  {concept.name}: ED-LoRA {ed_seconds:.0f} s, LoRA {time.time() - started - ed_seconds:.0f} s")
+        out[concept.name] = (load_edlora(ed_path, name=os.path.basename(ed_path)), lora_path)
+    return out
+
+
+def trained_concept_files(concepts=world.CONCEPTS, folder: str | None = None) -> list[str] | None:
+    """The cached ED-LoRA files of ``concepts`` (in order), or None when any is missing."""
+    folder = folder or concepts_dir()
+    paths = [os.path.join(folder, f"world_{c.name}.safetensors") for c in concepts]
+    return paths if all(os.path.isfile(p) for p in paths) else None

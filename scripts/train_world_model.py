@@ -1,0 +1,47 @@
+"""Train the miniature SD1.x world model (devkit/world_model.py) and cache it outside the repository.
+
+Usage: ``make world`` or ``$PYTHON scripts/train_world_model.py [--force] [--quick]``. It takes about 25 minutes on
+two CPU cores; ``--quick`` trains a few steps only (to check the pipeline; not a usable model) into a temporary file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(REPO_ROOT)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="train again even when a cached model exists")
+    parser.add_argument("--quick", action="store_true", help="a few steps into a temporary file (pipeline check)")
+    parser.add_argument("--out", default="", help="write here instead of the cache")
+    args = parser.parse_args()
+
+    from devkit.bootstrap import load_pack, setup_comfy
+
+    setup_comfy()
+    load_pack()
+    from mixofshow.devkit import world_model
+
+    path = args.out or os.path.join(world_model.cache_dir(), world_model.CHECKPOINT_NAME)
+    settings = world_model.WorldSettings()
+    if args.quick:
+        settings = world_model.WorldSettings(scenes=64, vae_steps=20, unet_steps=20, warmup=5)
+        path = args.out or os.path.join(tempfile.mkdtemp(), world_model.CHECKPOINT_NAME)
+    elif os.path.isfile(path) and not args.force:
+        print(f"world model already cached: {path} (--force trains it again)")
+        return 0
+    info = world_model.build_world_model(path, settings, report=lambda line: print(line, flush=True))
+    model, clip, vae = world_model.load_world_model(path)
+    print(json.dumps({**info, "path": path, "loaded_as": type(model.model.model_config).__name__}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
