@@ -17,7 +17,7 @@ test-browser:
 	@$(RUNTIME) && bash scripts/install_browser.sh && "$$PYTHON" -m pytest -m browser
 
 demo:
-	@$(RUNTIME) && "$$PYTHON" scripts/demo.py
+	@$(RUNTIME) && "$$PYTHON" scripts/demo.py $(ARGS)
 
 check:
 	@$(RUNTIME) && "$$PYTHON" -m ruff format --check . && "$$PYTHON" -m ruff check .

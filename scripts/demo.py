@@ -1,10 +1,16 @@
-"""The demo: a real headless ComfyUI with this pack renders the shipped single-concept workflow.
+"""The demo: a real headless ComfyUI with this pack renders a shipped workflow.
 
-Run through ``make demo``. With no user files it builds an embedded default deterministically (a small
-SD1.x-architecture checkpoint with random weights and a two-word ED-LoRA in the original .pth format; no
-weights can be downloaded here), so the picture is noise-like: the point is that every node runs for real.
-Point ``CKPT`` at an SD1.x checkpoint and ``EDLORA`` at an ED-LoRA to render a real image (set ``PROMPT`` to
-use the ED-LoRA's own concept words).
+Run through ``make demo``. Three cases, first match wins:
+
+* ``CKPT`` and ``EDLORA`` point at an SD1.x checkpoint and an ED-LoRA: the single-concept workflow renders them (set
+  ``PROMPT`` to use the ED-LoRA's own concept words);
+* the small world is cached (``make world``: the miniature SD1.x world model and its ten trained concepts, about 45
+  minutes on two CPU cores, so a fresh machine does not train it within the demo): the shipped fuse_loras_regional
+  workflow, its three LoRA concepts swapped for three world ED-LoRAs, gradient-fuses them and paints each in its own
+  box; the demo then says which concept the evaluator sees in each box;
+* otherwise an embedded default, built deterministically (a small SD1.x-architecture checkpoint with random weights
+  and a two-word ED-LoRA in the original .pth format; no weights can be downloaded here) through the single-concept
+  workflow: the picture is noise-like, the point is that every node runs for real.
 """
 
 from __future__ import annotations
@@ -43,6 +49,74 @@ def build_default_files(base_dir: str) -> None:
     print(f"[demo] built the embedded default model and ED-LoRA in {time.monotonic() - started:.1f} s")
 
 
+WORLD_CONCEPTS = ("zorb", "quill", "brim")  # left, centre, right
+
+
+def world_files() -> tuple[str, list[str]] | None:
+    """The cached world checkpoint and the ED-LoRAs of :data:`WORLD_CONCEPTS`, or None when the world is not trained."""
+    from devkit.bootstrap import load_pack, setup_comfy
+
+    setup_comfy()
+    load_pack()
+    from mixofshow.devkit import world, world_concepts, world_model
+
+    checkpoint = world_model.cached_world_checkpoint()
+    concepts = [c for name in WORLD_CONCEPTS for c in world.CONCEPTS if c.name == name]
+    files = world_concepts.trained_concept_files(concepts)
+    return (checkpoint, files) if checkpoint and files else None
+
+
+def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
+    """The shipped fuse_loras_regional graph on the world: its three LoRA concepts become world ED-LoRAs (same node
+    ids and links), each region paints one of them in a third of a 128x128 image."""
+    from devkit.server import load_workflow, set_inputs
+    from mixofshow.devkit.world_concepts import phrase
+
+    prompt = load_workflow("fuse_loras_regional")
+    concept_nodes = [k for k, v in prompt.items() if v["class_type"] == "MoSLoRAConcept"]
+    names = [link_user_file(path, "edloras", base_dir) for path in edloras]
+    subjects = [f"<{n}1> <{n}2>" for n in WORLD_CONCEPTS]
+    for node_id, name, subject in zip(concept_nodes, names, subjects, strict=True):
+        chain = {k: v for k, v in prompt[node_id]["inputs"].items() if k == "concepts"}
+        prompts = "\n".join(phrase(subject, p, bg) for p, bg in (("left", "white"), ("centre", "grey")))
+        inputs = {"edlora_name": name, "unet_strength": 1.0, "text_encoder_strength": 1.0, "prompts": prompts, **chain}
+        prompt[node_id] = {"class_type": "MoSEDLoRAStack", "inputs": inputs}
+    size = 128
+    thirds = [round(i * size / 3) for i in range(4)]
+    boxes = "|".join(
+        f"[{phrase(subject, where, 'white')}]-*-[]-*-[0, {thirds[i]}, {size}, {thirds[i + 1]}]"
+        for i, (subject, where) in enumerate(zip(subjects, ("left", "centre", "right"), strict=True))
+    )
+    caption = f"a {subjects[0]} on the left, a {subjects[2]} on the right, a {subjects[1]} on the centre, on a white background"
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=link_user_file(checkpoint, "checkpoints", base_dir))
+    set_inputs(prompt, "MoSGradientFusion", sample_resolution=size, solver="exact", measure_drift=False)
+    set_inputs(prompt, "MoSRegionsFromText", width=size, height=size, text=boxes)
+    for node in prompt.values():  # set_inputs names its own first argument 'prompt'
+        if node["class_type"] == "MoSRegionalConditioning":
+            node["inputs"].update(prompt=caption, negative="")
+    set_inputs(prompt, "EmptyLatentImage", width=size, height=size)
+    set_inputs(prompt, "KSampler", steps=20, cfg=5.0, sampler_name="euler", scheduler="normal", seed=0)
+    set_inputs(prompt, "SaveImage", filename_prefix="mixofshow/world_regional")
+    return prompt
+
+
+def describe_world_image(path: str) -> str:
+    """What the evaluator sees in each third of the image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mixofshow.devkit import world
+
+    image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+    cut = [round(i * image.shape[1] / 3) for i in range(4)]
+    seen = [world.identify(image[:, cut[i] : cut[i + 1]]) or "no concept" for i in range(3)]
+    wanted = ", ".join(f"{w} {n}" for w, n in zip(("left", "centre", "right"), WORLD_CONCEPTS, strict=True))
+    return f"asked for {wanted}; the evaluator sees " + ", ".join(
+        f"{w} {s}" for w, s in zip(("left", "centre", "right"), seen, strict=True)
+    )
+
+
 def link_user_file(path: str, folder: str, base_dir: str) -> str:
     name = os.path.basename(path)
     target = os.path.join(base_dir, "models", folder, name)
@@ -63,6 +137,7 @@ def main() -> int:
     parser.add_argument("--ckpt", default=os.environ.get("CKPT") or None)
     parser.add_argument("--edlora", default=os.environ.get("EDLORA") or None)
     parser.add_argument("--prompt", default=os.environ.get("PROMPT") or None)
+    parser.add_argument("--random", action="store_true", help="the embedded random-weight default even when the world is cached")
     args = parser.parse_args()
 
     from devkit.bootstrap import comfyui_dir
@@ -70,7 +145,11 @@ def main() -> int:
 
     base_dir = prepare_base_dir(os.path.abspath(args.base_dir))
     prompt = load_workflow("edlora_single_concept")
-    if args.ckpt or args.edlora:
+    world = None if (args.ckpt or args.edlora or args.random) else world_files()
+    if world is not None:
+        print("[demo] the small world is cached: fusing three world concepts and painting each in its box")
+        prompt = world_prompt(base_dir, *world)
+    elif args.ckpt or args.edlora:
         if not (args.ckpt and args.edlora):
             parser.error("give both CKPT and EDLORA (or neither, for the embedded default)")
         set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=link_user_file(args.ckpt, "checkpoints", base_dir))
@@ -99,6 +178,8 @@ def main() -> int:
     print(f"[demo] workflow finished in {time.monotonic() - started:.1f} s; the server was stopped")
     for path in images:
         print(f"[demo] image: {path}")
+    if world is not None and images:
+        print(f"[demo] {describe_world_image(images[-1])}")
     latest = os.path.join(base_dir, "output", "mixofshow", "latest_demo.png")
     if images:
         shutil.copyfile(images[-1], latest)

@@ -1,0 +1,322 @@
+"""The paper's claims measured in the small world (issue 13): identity after fusion, regional sampling, a picture grid.
+
+Needs the world model (``make world``: a miniature SD1.x model trained from scratch on devkit/world.py, cached).
+The ten concepts the world never shows are trained on it first (cached next to it, reused while their settings
+hold): each an ED-LoRA through the pack's own MoS Train ED-LoRA node, and an ordinary LoRA (adapters only, the
+concept named by a plain word) for the LoRA rows. Then, one run, side by side:
+
+* Table 2's analogue: every concept alone, and after fusing 2, 5 and 10 of them, with LoRA + weight fusion,
+  ED-LoRA + weight fusion and ED-LoRA + gradient fusion (lbfgs and exact): identity accuracy (the evaluator names
+  the prompted concept), text alignment (the background and position the prompt asks for), and the pack's identity
+  drift (noise-prediction error against each concept's own model, at the world's resolution);
+* regional sampling with 2 and 3 concepts in boxes on the 10-concept gradient-fused model: how often each box
+  shows its own concept, against the same prompt without regions;
+* a picture grid (``--grid``, default ``docs/images/world_grid.png``).
+
+Evaluation prompts put each concept at a position on a background it was never trained with there. Training and
+sampling run on the CPU under bfloat16 autocast (a 2x speed-up on CPUs with AMX; the weights stay float32).
+
+Usage: ``$PYTHON benchmarks/bench_world.py [--concepts 10] [--seeds 1] [--steps 40]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(REPO_ROOT)
+
+EVAL_PLACES = [("left", "grey"), ("right", "white"), ("centre", "sand")]  # each pair new to every concept
+COUNTS = (2, 5, 10)
+METHODS = ("LoRA + WF", "ED-LoRA + WF", "ED-LoRA + GF lbfgs", "ED-LoRA + GF exact")
+
+
+def entries(concepts, trained, kind: str):
+    from mixofshow.devkit.world_concepts import TRAIN_PLACES, ed_subject, phrase
+    from mixofshow.edlora.concepts import ConceptEntry, ConceptSet
+    from mixofshow.edlora.format import EDLoRA
+    from mixofshow.edlora.loras import load_lora_file
+
+    fusion_places = TRAIN_PLACES[:2]
+    stack = ConceptSet()
+    for concept in concepts:
+        edlora, lora_path = trained[concept.name]
+        if kind == "edlora":
+            entry = ConceptEntry(edlora, prompts=tuple(phrase(ed_subject(concept), p, bg) for p, bg in fusion_places))
+        else:
+            lora = load_lora_file(lora_path)
+            entry = ConceptEntry(
+                EDLoRA({}, {}, {}, name=lora.name),
+                lora=lora,
+                prompts=tuple(phrase(concept.name, p, bg) for p, bg in fusion_places),
+            )
+        stack = stack.add(entry)
+    return stack
+
+
+def judge(image, concept, position: str, background: str) -> dict:
+    from mixofshow.devkit import world
+
+    measured = world.measure(image)
+    return {
+        "identity": world.identify(image) == concept.name,
+        "alignment": measured.background == background and measured.coverage > 0.01 and world.position_of(measured) == position,
+    }
+
+
+def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, keep: dict | None = None) -> list[dict]:
+    import torch
+
+    from mixofshow.devkit import world_model
+    from mixofshow.devkit.world_concepts import ed_subject, phrase
+    from mixofshow.edlora.encode import encode_prompt
+
+    records = []
+    for concept in concepts:
+        subject = ed_subject(concept) if kind == "edlora" else concept.name
+        for place_index, (position, background) in enumerate(EVAL_PLACES):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                positive = encode_prompt(clip, stack, phrase(subject, position, background))
+            for seed in range(seeds):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    image = world_model.sample(model, clip, vae, positive, seed=seed)
+                records.append({"concept": concept.name, **judge(image, concept, position, background)})
+                if keep is not None and place_index == 0 and seed == 0:
+                    keep[concept.name] = image
+    return records
+
+
+def summary(records: list[dict]) -> dict:
+    count = len(records)
+    return {
+        "identity": sum(r["identity"] for r in records) / count,
+        "alignment": sum(r["alignment"] for r in records) / count,
+        "images": count,
+    }
+
+
+def fuse(model, clip, stack, method: str, drift: bool = True):
+    from mixofshow.devkit import world_model
+    from mixofshow.fusion.drift import identity_drift
+    from mixofshow.fusion.procedure import gradient_fusion, weight_fusion
+    from mixofshow.fusion.results import FusionSettings
+
+    if method.endswith("WF"):
+        fused = weight_fusion(model, clip, stack, measure_drift=False)
+    else:
+        solver = method.rsplit(" ", 1)[-1]
+        settings = FusionSettings(solver=solver, sample_resolution=world_model.IMAGE_SIZE, device="cpu")
+        fused = gradient_fusion(model, clip, stack, settings, measure_drift=False)
+    if not drift:
+        return fused, 0.0
+    values = identity_drift(model, clip, fused, resolution=world_model.IMAGE_SIZE)
+    return fused, sum(values.values()) / len(values)
+
+
+def regional(model, clip, vae, stack, groups, seeds: int, keep: list) -> dict:
+    """Per group size: the share of boxes showing their own concept, with regions and with the same prompt alone."""
+    import torch
+
+    from mixofshow.devkit import world, world_model
+    from mixofshow.devkit.world_concepts import ed_subject, phrase
+    from mixofshow.edlora.encode import encode_prompt
+    from mixofshow.regional.conditioning import regional_conditioning
+    from mixofshow.regional.spec import Box, Region
+
+    size = world_model.IMAGE_SIZE
+    out = {}
+    for group in groups:
+        positions = ["left", "right"] if len(group) == 2 else ["left", "right", "centre"]
+        order = ["left", "centre", "right"]  # strips from left to right
+        caption = (
+            ", ".join(f"a {ed_subject(c)} on the {p}" for c, p in zip(group, positions, strict=True)) + ", on a white background"
+        )
+        strips = {p: i for i, p in enumerate(o for o in order if o in positions)}
+        width = 1.0 / len(group)
+        regions = tuple(
+            Region(phrase(ed_subject(c), p, "white"), box=Box(0.0, strips[p] * width, 1.0, (strips[p] + 1) * width))
+            for c, p in zip(group, positions, strict=True)
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            regional_model, positive, _ = regional_conditioning(model, clip, caption, "", regions, stack)
+            plain_positive = encode_prompt(clip, stack, caption)
+        for seed in range(seeds):
+            for mode, m, cond in (("regions", regional_model, positive), ("prompt only", model, plain_positive)):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    image = world_model.sample(m, clip, vae, cond, seed=seed)
+                cut = [round(i * size / len(group)) for i in range(len(group) + 1)]
+                hits = [
+                    world.identify(image[:, cut[strips[p]] : cut[strips[p] + 1]]) == c.name
+                    for c, p in zip(group, positions, strict=True)
+                ]
+                entry = out.setdefault(len(group), {}).setdefault(mode, {"boxes": 0, "hits": 0, "all": 0, "images": 0})
+                entry["boxes"] += len(hits)
+                entry["hits"] += sum(hits)
+                entry["all"] += int(all(hits))
+                entry["images"] += 1
+                if seed == 0 and len(keep) < 4 * 2:
+                    keep.append((f"{len(group)} concepts, {mode}", image))
+    return out
+
+
+def grid(path: str, columns: list[str], rows: list[tuple[str, dict]], extra: list[tuple[str, object]], scale: int = 1):
+    """A labelled PNG: one row per method, one column per concept, then the regional examples."""
+    from PIL import Image, ImageDraw
+
+    cell = None
+    for _, images in rows:
+        for image in images.values():
+            cell = image.shape[0] * scale
+            break
+    label_w, head_h = 150, 18
+    height = head_h + cell * len(rows) + (cell + head_h) * (1 if extra else 0)
+    width = label_w + cell * max(len(columns), len(extra))
+    canvas = Image.new("RGB", (width, height), (30, 30, 30))
+    draw = ImageDraw.Draw(canvas)
+
+    def paste(image, x, y):
+        array = (image.clamp(0, 1) * 255).byte().numpy()
+        canvas.paste(Image.fromarray(array).resize((cell, cell), Image.NEAREST), (x, y))
+
+    for j, name in enumerate(columns):
+        draw.text((label_w + j * cell + 4, 3), name, fill=(230, 230, 230))
+    for i, (label, images) in enumerate(rows):
+        y = head_h + i * cell
+        draw.text((4, y + cell // 2 - 6), label, fill=(230, 230, 230))
+        for j, name in enumerate(columns):
+            if name in images:
+                paste(images[name], label_w + j * cell, y)
+    if extra:
+        y = head_h + len(rows) * cell
+        draw.text((4, y + head_h + cell // 2 - 6), "regional", fill=(230, 230, 230))
+        for j, (label, image) in enumerate(extra):
+            draw.text((label_w + j * cell + 2, y + 3), label.replace("concepts, ", ""), fill=(200, 200, 200))
+            paste(image, label_w + j * cell, y + head_h)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concepts", type=int, default=10, help="how many of the ten concepts (counts above it are skipped)")
+    parser.add_argument("--seeds", type=int, default=1, help="images per evaluation prompt")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per concept")
+    parser.add_argument("--train-only", action="store_true", help="train (or find) the concepts, measure nothing")
+    parser.add_argument("--grid", default=os.path.join(REPO_ROOT, "docs", "images", "world_grid.png"))
+    parser.add_argument("--skip-table", action="store_true", help="regional sampling only")
+    args = parser.parse_args()
+
+    from devkit.bootstrap import load_pack, setup_comfy
+
+    setup_comfy()
+    load_pack()
+    import torch
+
+    from mixofshow.devkit import world, world_model
+    from mixofshow.devkit.world_concepts import ConceptRecipe, train_concepts
+
+    path = world_model.cached_world_checkpoint()
+    if path is None:
+        print("The world model is not cached; train it first with 'make world' (about 28 minutes on two CPU cores).")
+        return 1
+    started = time.time()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model, clip, vae = world_model.load_world_model(path)
+    concepts = list(world.CONCEPTS[: args.concepts])
+    recipe = ConceptRecipe(steps=args.steps)
+    print(f"world model: {path}\ntraining {len(concepts)} concepts ({recipe})")
+    trained = train_concepts(model, clip, vae, concepts, recipe)
+    if args.train_only:
+        return 0
+    print(f"concepts ready ({time.time() - started:.0f} s)")
+
+    results: dict = {"recipe": recipe.__dict__, "seeds": args.seeds, "table": {}, "regional": {}}
+    out = os.path.join(world_model.cache_dir(), "bench_world.json")
+
+    def save() -> None:  # after every row, so a long run that is stopped keeps what it measured
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    pictures: dict[str, dict] = {}
+    with torch.inference_mode():
+        if not args.skip_table:
+            for kind, label in (("lora", "LoRA alone"), ("edlora", "ED-LoRA alone")):
+                records = []
+                keep = pictures.setdefault(label, {})
+                for concept in concepts:
+                    stack = entries([concept], trained, kind)
+                    fused, _ = fuse(model, clip, stack, "WF", drift=False)
+                    m, c = fused.apply(model, clip)
+                    records += evaluate(m, c, vae, stack, [concept], kind, args.seeds, keep)
+                results["table"][label] = {"1": summary(records)}
+                save()
+                print(f"{label}: {summary(records)} ({time.time() - started:.0f} s)")
+            for count in (n for n in COUNTS if n <= len(concepts)):
+                subset = concepts[:count]
+                for method in METHODS:
+                    kind = "lora" if method.startswith("LoRA") else "edlora"
+                    stack = entries(subset, trained, kind)
+                    t0 = time.time()
+                    fused, drift = fuse(model, clip, stack, method)
+                    fuse_seconds = time.time() - t0
+                    m, c = fused.apply(model, clip)
+                    keep = pictures.setdefault(method, {}) if count == max(n for n in COUNTS if n <= len(concepts)) else None
+                    row = {**summary(evaluate(m, c, vae, stack, subset, kind, args.seeds, keep)), "drift": drift}
+                    row["fusion_seconds"] = round(fuse_seconds, 1)
+                    results["table"].setdefault(method, {})[str(count)] = row
+                    save()
+                    print(f"{method} x{count}: {row} ({time.time() - started:.0f} s)")
+        regional_pictures: list = []
+        stack = entries(concepts, trained, "edlora")
+        fused, _ = fuse(model, clip, stack, "ED-LoRA + GF exact", drift=False) if len(concepts) > 1 else (None, 0)
+        if fused is not None:
+            m, c = fused.apply(model, clip)
+            pairs = [tuple(concepts[i : i + 2]) for i in range(0, len(concepts) - 1, 2)]
+            triples = [tuple(concepts[(i + k) % len(concepts)] for k in range(3)) for i in range(0, len(concepts), 3)]
+            results["regional"] = regional(
+                m, c, vae, stack, pairs + (triples if len(concepts) >= 3 else []), args.seeds + 1, regional_pictures
+            )
+            print(f"regional: {results['regional']} ({time.time() - started:.0f} s)")
+
+    targets = {
+        c.name: world.render(world.Scene(EVAL_PLACES[0][1], (c.thing(EVAL_PLACES[0][0]),)), world_model.IMAGE_SIZE)
+        for c in concepts
+    }
+    rows = [("target (rendered)", targets)] + [(label, images) for label, images in pictures.items() if images]
+    grid(args.grid, [c.name for c in concepts], rows, regional_pictures)
+    results["seconds"] = round(time.time() - started)
+    print_tables(results)
+    save()
+    print(f"grid: {args.grid}\nresults: {out}")
+    return 0
+
+
+def print_tables(results: dict) -> None:
+    table = results["table"]
+    if table:
+        counts = ["1"] + [str(n) for n in COUNTS]
+        print("\nidentity accuracy / text alignment / identity drift, by number of fused concepts")
+        print(f"{'method':<22}" + "".join(f"{n + ' concept' + ('s' if n != '1' else ''):>22}" for n in counts))
+        for method, row in table.items():
+            cells = []
+            for n in counts:
+                r = row.get(n)
+                cells.append(
+                    f"{'-':>22}" if r is None else f"{r['identity']:>7.0%} {r['alignment']:>5.0%} {r.get('drift', 0.0):>7.3f}"
+                )
+            print(f"{method:<22}" + "".join(cells))
+    for size, modes in results.get("regional", {}).items():
+        line = "  ".join(
+            f"{mode}: {m['hits'] / m['boxes']:.0%} of boxes, {m['all'] / m['images']:.0%} of images all right"
+            for mode, m in modes.items()
+        )
+        print(f"regional, {size} concepts in boxes: {line}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
