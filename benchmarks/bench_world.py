@@ -16,7 +16,7 @@ concept named by a plain word) for the LoRA rows. Then, one run, side by side:
 Evaluation prompts put each concept at a position on a background it was never trained with there. Training and
 sampling run on the CPU under bfloat16 autocast (a 2x speed-up on CPUs with AMX; the weights stay float32).
 
-Usage: ``$PYTHON benchmarks/bench_world.py [--concepts 10] [--seeds 1] [--steps 40]``.
+Usage: ``$PYTHON benchmarks/bench_world.py [--concepts 10] [--seeds 1] [--steps N]``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, replace
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(REPO_ROOT)
@@ -64,6 +65,7 @@ def judge(image, concept, position: str, background: str) -> dict:
     measured = world.measure(image)
     return {
         "identity": world.identify(image) == concept.name,
+        "colours": world.colour_share(image, concept),
         "alignment": measured.background == background and measured.coverage > 0.01 and world.position_of(measured) == position,
     }
 
@@ -77,7 +79,7 @@ def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, keep: dic
 
     records = []
     for concept in concepts:
-        subject = ed_subject(concept) if kind == "edlora" else concept.name
+        subject = {"edlora": ed_subject(concept), "lora": concept.name, "words": concept.thing("centre").words()}[kind]
         for place_index, (position, background) in enumerate(EVAL_PLACES):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 positive = encode_prompt(clip, stack, phrase(subject, position, background))
@@ -94,6 +96,7 @@ def summary(records: list[dict]) -> dict:
     count = len(records)
     return {
         "identity": sum(r["identity"] for r in records) / count,
+        "colours": sum(r["colours"] for r in records) / count,
         "alignment": sum(r["alignment"] for r in records) / count,
         "images": count,
     }
@@ -204,7 +207,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", type=int, default=10, help="how many of the ten concepts (counts above it are skipped)")
     parser.add_argument("--seeds", type=int, default=1, help="images per evaluation prompt")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per concept")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per concept (default: the world recipe's)")
     parser.add_argument("--train-only", action="store_true", help="train (or find) the concepts, measure nothing")
     parser.add_argument("--grid", default=os.path.join(REPO_ROOT, "docs", "images", "world_grid.png"))
     parser.add_argument("--skip-table", action="store_true", help="regional sampling only")
@@ -217,7 +220,8 @@ def main() -> int:
     import torch
 
     from mixofshow.devkit import world, world_model
-    from mixofshow.devkit.world_concepts import ConceptRecipe, train_concepts
+    from mixofshow.devkit.world_concepts import WORLD_RECIPE, train_concepts
+    from mixofshow.edlora.concepts import ConceptSet
 
     path = world_model.cached_world_checkpoint()
     if path is None:
@@ -228,14 +232,14 @@ def main() -> int:
     with torch.inference_mode():
         model, clip, vae = world_model.load_world_model(path)
     concepts = list(world.CONCEPTS[: args.concepts])
-    recipe = ConceptRecipe(steps=args.steps)
+    recipe = WORLD_RECIPE if args.steps is None else replace(WORLD_RECIPE, steps=args.steps)
     print(f"world model: {path}\ntraining {len(concepts)} concepts ({recipe})")
     trained = train_concepts(model, clip, vae, concepts, recipe)
     if args.train_only:
         return 0
     print(f"concepts ready ({time.time() - started:.0f} s)")
 
-    results: dict = {"recipe": recipe.__dict__, "seeds": args.seeds, "table": {}, "regional": {}}
+    results: dict = {"recipe": asdict(recipe), "seeds": args.seeds, "table": {}, "regional": {}}
     out = os.path.join(world_model.cache_dir(), "bench_world.json")
 
     def save() -> None:  # after every row, so a long run that is stopped keeps what it measured
@@ -245,13 +249,18 @@ def main() -> int:
     pictures: dict[str, dict] = {}
     with torch.inference_mode():
         if not args.skip_table:
-            for kind, label in (("lora", "LoRA alone"), ("edlora", "ED-LoRA alone")):
+            # the base model asked for each concept by its written description: how well the world model itself
+            # draws such objects, the ceiling the adapters start from
+            for kind, label in (("words", "base, in words"), ("lora", "LoRA alone"), ("edlora", "ED-LoRA alone")):
                 records = []
                 keep = pictures.setdefault(label, {})
                 for concept in concepts:
-                    stack = entries([concept], trained, kind)
-                    fused, _ = fuse(model, clip, stack, "WF", drift=False)
-                    m, c = fused.apply(model, clip)
+                    if kind == "words":
+                        stack, m, c = ConceptSet(), model, clip
+                    else:
+                        stack = entries([concept], trained, kind)
+                        fused, _ = fuse(model, clip, stack, "WF", drift=False)
+                        m, c = fused.apply(model, clip)
                     records += evaluate(m, c, vae, stack, [concept], kind, args.seeds, keep)
                 results["table"][label] = {"1": summary(records)}
                 save()
@@ -300,14 +309,16 @@ def print_tables(results: dict) -> None:
     table = results["table"]
     if table:
         counts = ["1"] + [str(n) for n in COUNTS]
-        print("\nidentity accuracy / text alignment / identity drift, by number of fused concepts")
-        print(f"{'method':<22}" + "".join(f"{n + ' concept' + ('s' if n != '1' else ''):>22}" for n in counts))
+        print("\nidentity accuracy / concept colour share / text alignment / identity drift, by number of fused concepts")
+        print(f"{'method':<22}" + "".join(f"{n + ' concept' + ('s' if n != '1' else ''):>28}" for n in counts))
         for method, row in table.items():
             cells = []
             for n in counts:
                 r = row.get(n)
                 cells.append(
-                    f"{'-':>22}" if r is None else f"{r['identity']:>7.0%} {r['alignment']:>5.0%} {r.get('drift', 0.0):>7.3f}"
+                    f"{'-':>28}"
+                    if r is None
+                    else f"{r['identity']:>7.0%} {r['colours']:>5.0%} {r['alignment']:>5.0%} {r.get('drift', 0.0):>7.3f}"
                 )
             print(f"{method:<22}" + "".join(cells))
     for size, modes in results.get("regional", {}).items():

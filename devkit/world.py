@@ -308,3 +308,13 @@ def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = 0.02)
 
     best = max(candidates, key=score)
     return best.name if score(best) >= 1 else None
+
+
+def colour_share(image: torch.Tensor, concept: Concept, min_coverage: float = 0.02) -> float:
+    """How much of the object ``image`` shows is in ``concept``'s two colours (0 when no object): a graded identity
+    score, the analogue of the paper's image alignment, that moves before :func:`identify` flips (a blob in the
+    right colours scores without the right shape or pattern) and drops when another concept's colours bleed in."""
+    measured = measure(image)
+    if measured.coverage < min_coverage:
+        return 0.0
+    return measured.colours.get(concept.colour, 0.0) + measured.colours.get(concept.second, 0.0)

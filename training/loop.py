@@ -488,9 +488,8 @@ def train_edlora(
             )
         order: list[int] = []
         threshold = settings.embedding_norm_threshold
-        if run.embeddings and 0 < threshold <= mean_embedding_norm(
-            run.embeddings
-        ):  # resumed from vectors that had already stopped
+        resumed_frozen = bool(run.embeddings) and 0 < threshold <= mean_embedding_norm(run.embeddings)
+        if resumed_frozen:  # resumed from vectors that had already stopped
             result.frozen_at = 0
             for vector in run.embeddings.values():
                 vector.requires_grad_(False)

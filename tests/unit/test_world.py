@@ -13,6 +13,7 @@ from mixofshow.devkit.world import (
     WORLD_PAIRS,
     Scene,
     Thing,
+    colour_share,
     identify,
     measure,
     pattern_of,
@@ -63,6 +64,15 @@ def test_ordinary_scenes_show_no_concept_and_their_attributes_are_measured():
         assert measured.background == background
         assert shape_of(measured) == shape and pattern_of(measured) == "solid"
         assert measured.pair() == ("purple",)
+
+
+def test_colour_share_grades_identity_by_the_concepts_colours():
+    zorb, pell = CONCEPTS[0], CONCEPTS[4]  # orange/teal and green/orange: one colour in common
+    image = render(Scene("grey", (zorb.thing("left"),)), 64)
+    assert colour_share(image, zorb) > 0.9
+    assert 0.2 < colour_share(image, pell) < 0.8  # its orange counts, its green is missing
+    assert colour_share(render(Scene("grey", (Thing("circle", "purple"),)), 64), zorb) == 0.0
+    assert colour_share(render(Scene("grey", ()), 64), zorb) == 0.0  # nothing drawn
 
 
 def test_a_region_of_an_image_is_measured_on_its_own():
