@@ -16,7 +16,7 @@ concept named by a plain word) for the LoRA rows. Then, one run, side by side:
 Evaluation prompts put each concept at a position on a background it was never trained with there. Training and
 sampling run on the CPU under bfloat16 autocast (a 2x speed-up on CPUs with AMX; the weights stay float32).
 
-Usage: ``$PYTHON benchmarks/bench_world.py [--concepts 10] [--seeds 1] [--steps N]``.
+Usage: ``$PYTHON benchmarks/bench_world.py [--concepts 10] [--seeds 1] [--steps N] [--lbfgs-iters 50]``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def judge(image, concept, position: str, background: str) -> dict:
     }
 
 
-def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, keep: dict | None = None) -> list[dict]:
+def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, places, keep: dict | None = None) -> list[dict]:
     import torch
 
     from mixofshow.devkit import world_model
@@ -80,7 +80,7 @@ def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, keep: dic
     records = []
     for concept in concepts:
         subject = {"edlora": ed_subject(concept), "lora": concept.name, "words": concept.thing("centre").words()}[kind]
-        for place_index, (position, background) in enumerate(EVAL_PLACES):
+        for place_index, (position, background) in enumerate(places):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 positive = encode_prompt(clip, stack, phrase(subject, position, background))
             for seed in range(seeds):
@@ -102,7 +102,7 @@ def summary(records: list[dict]) -> dict:
     }
 
 
-def fuse(model, clip, stack, method: str, drift: bool = True):
+def fuse(model, clip, stack, method: str, drift: bool = True, lbfgs_iters: int = 500):
     from mixofshow.devkit import world_model
     from mixofshow.fusion.drift import identity_drift
     from mixofshow.fusion.procedure import gradient_fusion, weight_fusion
@@ -112,7 +112,9 @@ def fuse(model, clip, stack, method: str, drift: bool = True):
         fused = weight_fusion(model, clip, stack, measure_drift=False)
     else:
         solver = method.rsplit(" ", 1)[-1]
-        settings = FusionSettings(solver=solver, sample_resolution=world_model.IMAGE_SIZE, device="cpu")
+        settings = FusionSettings(
+            solver=solver, text_encoder_iters=lbfgs_iters, sample_resolution=world_model.IMAGE_SIZE, device="cpu"
+        )
         fused = gradient_fusion(model, clip, stack, settings, measure_drift=False)
     if not drift:
         return fused, 0.0
@@ -207,7 +209,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", type=int, default=10, help="how many of the ten concepts (counts above it are skipped)")
     parser.add_argument("--seeds", type=int, default=1, help="images per evaluation prompt")
+    parser.add_argument(
+        "--places", type=int, default=len(EVAL_PLACES), help="evaluation prompts per concept (position/background pairs)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per concept (default: the world recipe's)")
+    parser.add_argument(
+        "--lbfgs-iters",
+        type=int,
+        default=50,
+        help="LBFGS iterations per text-encoder and K/V layer for the lbfgs rows (the original's 500 take over 9 minutes "
+        "for two concepts on two CPU cores; the exact rows give the solution LBFGS approaches)",
+    )
     parser.add_argument("--train-only", action="store_true", help="train (or find) the concepts, measure nothing")
     parser.add_argument("--grid", default=os.path.join(REPO_ROOT, "docs", "images", "world_grid.png"))
     parser.add_argument("--skip-table", action="store_true", help="regional sampling only")
@@ -225,7 +237,7 @@ def main() -> int:
 
     path = world_model.cached_world_checkpoint()
     if path is None:
-        print("The world model is not cached; train it first with 'make world' (about 28 minutes on two CPU cores).")
+        print("The world model is not cached; train it first with 'make world' (about 32 minutes on two CPU cores).")
         return 1
     started = time.time()
     torch.manual_seed(0)
@@ -234,12 +246,20 @@ def main() -> int:
     concepts = list(world.CONCEPTS[: args.concepts])
     recipe = WORLD_RECIPE if args.steps is None else replace(WORLD_RECIPE, steps=args.steps)
     print(f"world model: {path}\ntraining {len(concepts)} concepts ({recipe})")
-    trained = train_concepts(model, clip, vae, concepts, recipe)
+    trained = train_concepts(model, clip, vae, world_model.checkpoint_identity(path), concepts, recipe)
     if args.train_only:
         return 0
     print(f"concepts ready ({time.time() - started:.0f} s)")
 
-    results: dict = {"recipe": asdict(recipe), "seeds": args.seeds, "table": {}, "regional": {}}
+    results: dict = {
+        "recipe": asdict(recipe),
+        "seeds": args.seeds,
+        "places": args.places,
+        "lbfgs_iters": args.lbfgs_iters,
+        "world": world_model.checkpoint_identity(path),
+        "table": {},
+        "regional": {},
+    }
     out = os.path.join(world_model.cache_dir(), "bench_world.json")
 
     def save() -> None:  # after every row, so a long run that is stopped keeps what it measured
@@ -247,6 +267,16 @@ def main() -> int:
             json.dump(results, f, indent=1)
 
     pictures: dict[str, dict] = {}
+    places = EVAL_PLACES[: args.places]
+
+    def draw(pictures: dict, regional_pictures: list) -> None:
+        targets = {
+            c.name: world.render(world.Scene(places[0][1], (c.thing(places[0][0]),)), world_model.IMAGE_SIZE) for c in concepts
+        }
+        rows = [("target (rendered)", targets)] + [(label, images) for label, images in pictures.items() if images]
+        grid(args.grid, [c.name for c in concepts], rows, regional_pictures)
+
+    all_fused = None  # every concept gradient-fused (exact): the regional part's model
     with torch.inference_mode():
         if not args.skip_table:
             # the base model asked for each concept by its written description: how well the world model itself
@@ -261,7 +291,7 @@ def main() -> int:
                         stack = entries([concept], trained, kind)
                         fused, _ = fuse(model, clip, stack, "WF", drift=False)
                         m, c = fused.apply(model, clip)
-                    records += evaluate(m, c, vae, stack, [concept], kind, args.seeds, keep)
+                    records += evaluate(m, c, vae, stack, [concept], kind, args.seeds, places, keep)
                 results["table"][label] = {"1": summary(records)}
                 save()
                 print(f"{label}: {summary(records)} ({time.time() - started:.0f} s)")
@@ -271,20 +301,24 @@ def main() -> int:
                     kind = "lora" if method.startswith("LoRA") else "edlora"
                     stack = entries(subset, trained, kind)
                     t0 = time.time()
-                    fused, drift = fuse(model, clip, stack, method)
+                    fused, drift = fuse(model, clip, stack, method, lbfgs_iters=args.lbfgs_iters)
                     fuse_seconds = time.time() - t0
+                    if method == "ED-LoRA + GF exact" and count == len(concepts):
+                        all_fused = fused
                     m, c = fused.apply(model, clip)
                     keep = pictures.setdefault(method, {}) if count == max(n for n in COUNTS if n <= len(concepts)) else None
-                    row = {**summary(evaluate(m, c, vae, stack, subset, kind, args.seeds, keep)), "drift": drift}
+                    row = {**summary(evaluate(m, c, vae, stack, subset, kind, args.seeds, places, keep)), "drift": drift}
                     row["fusion_seconds"] = round(fuse_seconds, 1)
                     results["table"].setdefault(method, {})[str(count)] = row
                     save()
                     print(f"{method} x{count}: {row} ({time.time() - started:.0f} s)")
         regional_pictures: list = []
+        draw(pictures, regional_pictures)  # now, so a run stopped during the regional part keeps its grid
         stack = entries(concepts, trained, "edlora")
-        fused, _ = fuse(model, clip, stack, "ED-LoRA + GF exact", drift=False) if len(concepts) > 1 else (None, 0)
-        if fused is not None:
-            m, c = fused.apply(model, clip)
+        if all_fused is None and len(concepts) > 1:
+            all_fused, _ = fuse(model, clip, stack, "ED-LoRA + GF exact", drift=False)
+        if all_fused is not None:
+            m, c = all_fused.apply(model, clip)
             pairs = [tuple(concepts[i : i + 2]) for i in range(0, len(concepts) - 1, 2)]
             triples = [tuple(concepts[(i + k) % len(concepts)] for k in range(3)) for i in range(0, len(concepts), 3)]
             results["regional"] = regional(
@@ -292,12 +326,7 @@ def main() -> int:
             )
             print(f"regional: {results['regional']} ({time.time() - started:.0f} s)")
 
-    targets = {
-        c.name: world.render(world.Scene(EVAL_PLACES[0][1], (c.thing(EVAL_PLACES[0][0]),)), world_model.IMAGE_SIZE)
-        for c in concepts
-    }
-    rows = [("target (rendered)", targets)] + [(label, images) for label, images in pictures.items() if images]
-    grid(args.grid, [c.name for c in concepts], rows, regional_pictures)
+    draw(pictures, regional_pictures)
     results["seconds"] = round(time.time() - started)
     print_tables(results)
     save()

@@ -82,12 +82,28 @@ def concept_images(concept, places=TRAIN_PLACES) -> tuple[torch.Tensor, torch.Te
     return images, masks
 
 
+def _stamp_key(concept, settings: TrainSettings, base: str) -> str:
+    return json.dumps({**asdict(settings), "concept": concept.__dict__, "base": base}, sort_keys=True)
+
+
+def _stamp_path(folder: str, concept) -> str:
+    return os.path.join(folder, f"world_{concept.name}.json")
+
+
 def train_concepts(
-    model, clip, vae, concepts=world.CONCEPTS, recipe: TrainSettings = WORLD_RECIPE, report=print, folder: str | None = None
+    model,
+    clip,
+    vae,
+    base: str,
+    concepts=world.CONCEPTS,
+    recipe: TrainSettings = WORLD_RECIPE,
+    report=print,
+    folder: str | None = None,
 ) -> dict:
-    """``name -> (EDLoRA, kohya LoRA path)`` for ``concepts`` on the world model, trained now or reused from
-    ``folder`` (default :func:`concepts_dir`) when the same recipe made them. The ED-LoRA comes from the MoS Train
-    ED-LoRA node itself; the LoRA from the same training function without concept words."""
+    """``name -> (EDLoRA, kohya LoRA path)`` for ``concepts`` on the world model whose identity is ``base``
+    (:func:`world_model.checkpoint_identity`), trained now or reused from ``folder`` (default :func:`concepts_dir`)
+    when the same recipe made them on the same model. The ED-LoRA comes from the MoS Train ED-LoRA node itself; the
+    LoRA from the same training function without concept words."""
     import folder_paths
 
     from ..nodes.train import TrainEDLoRA
@@ -99,9 +115,9 @@ def train_concepts(
     for index, concept in enumerate(concepts):
         images, masks = concept_images(concept)
         settings = replace(recipe, words=(f"<{concept.name}1>", f"<{concept.name}2>"), class_word=concept.shape, seed=index)
-        key = json.dumps({**asdict(settings), "concept": concept.__dict__}, sort_keys=True)
+        key = _stamp_key(concept, settings, base)
         ed_path, lora_path = (os.path.join(folder, f"world_{concept.name}{s}.safetensors") for s in ("", "_lora"))
-        stamp = os.path.join(folder, f"world_{concept.name}.json")
+        stamp = _stamp_path(folder, concept)
         fresh = not (_read(stamp) == key and os.path.isfile(ed_path) and os.path.isfile(lora_path))
         if fresh:
             started = time.time()
@@ -135,8 +151,13 @@ def train_concepts(
     return out
 
 
-def trained_concept_files(concepts=world.CONCEPTS, folder: str | None = None) -> list[str] | None:
-    """The cached ED-LoRA files of ``concepts`` (in order), or None when any is missing."""
+def trained_concept_files(base: str, concepts=world.CONCEPTS, folder: str | None = None) -> list[str] | None:
+    """The cached ED-LoRA files of ``concepts`` (in order) trained on the world model ``base``, or None when any is
+    missing or was trained on another one."""
     folder = folder or concepts_dir()
     paths = [os.path.join(folder, f"world_{c.name}.safetensors") for c in concepts]
-    return paths if all(os.path.isfile(p) for p in paths) else None
+    for concept, path in zip(concepts, paths, strict=True):
+        stamp = _read(_stamp_path(folder, concept))
+        if stamp is None or json.loads(stamp).get("base") != base or not os.path.isfile(path):
+            return None
+    return paths

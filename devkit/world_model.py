@@ -10,14 +10,15 @@ and a VAE in the TAESD layout (ComfyUI builds a TAESD first stage from ``first_s
   :func:`devkit.world.broader_scene`: a VAE sees more than captions say), then its ``vae_scale``/``vae_shift`` set
   so the model-space latents (after SD1.x's 0.18215) have zero mean and unit variance;
 * the UNet, from scratch, on the denoising loss of ComfyUI's own SD1.x noise schedule (offset noise and min-SNR
-  weighting, see :class:`WorldSettings`), with 10% empty captions so classifier-free guidance works, an exponential
-  moving average kept for sampling;
+  weighting, object cells weighted up, see :class:`WorldSettings`), first at half the resolution (the layout, at a
+  third of the cost per image) then at the full one (:class:`UNetStage`), with 10% empty captions so
+  classifier-free guidance works, an exponential moving average kept for sampling;
 * the CLIP-L is *not* trained: it is a deterministic random CLIP-L (rounded to the checkpoint's fp16 first, so
   training sees exactly what sampling computes). Its outputs are a fixed random feature map of the caption, which
   the UNet learns to read; concepts learn their vectors and adapters through it like through a real CLIP.
 
 Training runs under bfloat16 autocast (the weights stay float32), deterministic for the seed on one machine.
-``python scripts/train_world_model.py`` trains and caches it (about 28 minutes on two cores);
+``python scripts/train_world_model.py`` trains and caches it (about 32 minutes on two cores);
 :func:`cached_world_checkpoint` finds it. It is a benchmark and demo asset; tests never need it.
 """
 
@@ -41,6 +42,8 @@ from . import models, world
 
 IMAGE_SIZE = 128  # 16x16 latents: a pattern's period spans more than one latent cell, so a small VAE can keep it
 CHECKPOINT_NAME = "mos-world-sd1.safetensors"
+#: bumped when :mod:`devkit.world` draws its scenes differently, so cached training stages are not reused
+WORLD_VERSION = 2
 SD1_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15
 
 
@@ -65,11 +68,17 @@ class WorldSettings:
     vae_crop: int = 64  # the VAE is convolutional: it trains on random crops, 4x cheaper than whole images
     vae_lr: float = 5e-4
     vae_object_weight: float = 4.0  # extra loss weight on object pixels (the background is most of every image)
-    unet_steps: int = 400
+    # the UNet first learns the world's layout (backgrounds, colours, shapes, positions) at half the resolution, where
+    # a step costs a third per image, then its detail at the full one; same weights, one schedule
+    unet_coarse_steps: int = 200
+    unet_coarse_batch: int = 64
+    unet_steps: int = 160
     unet_batch: int = 16
-    unet_lr: float = 6e-4
+    unet_lr: float = 8e-4
+    # extra loss weight on latent cells the objects cover (the flat background is most of every latent)
+    unet_object_weight: float = 2.0
     warmup: int = 40
-    ema: float = 0.98  # a short average: 400 steps are early training, where a long one lags behind
+    ema: float = 0.98  # a short average: a few hundred steps are early training, where a long one lags behind
     uncond_rate: float = 0.1
     # per-image, per-channel constant added to the noise: without it the schedule's last steps leak each image's mean
     # colour, the model learns to read the background from it, and sampling from pure noise paints random backgrounds
@@ -245,61 +254,83 @@ def _zero_branch(name: str) -> bool:
     return name.endswith("out_layers.3") or name.endswith("proj_out") or name == "out.2"
 
 
+@dataclass(frozen=True)
+class UNetStage:
+    """One resolution of the UNet's training: model-space ``latents`` ``[N, 4, h, w]``, per-cell loss ``weights``
+    ``[N, 1, h, w]`` (row ``i`` of both is scene ``i``, whose caption context is row ``i`` of the contexts), and how
+    many steps of how many images it runs."""
+
+    latents: torch.Tensor
+    weights: torch.Tensor
+    steps: int
+    batch: int
+
+
+def object_weights(images: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """``[N, 1, H/8, W/8]`` loss weights for the latents of ``images`` ``[N, 3, H, W]``: 1 plus ``object_weight``
+    times the share of each 8x8 cell that objects cover (every scene's top-left pixel is background)."""
+    on_object = ((images - images[:, :, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    return 1 + object_weight * torch.nn.functional.avg_pool2d(on_object, 8)
+
+
 def train_unet(
-    latents: torch.Tensor,
+    stages: list[UNetStage],
     contexts: torch.Tensor,
     empty: torch.Tensor,
     settings: WorldSettings,
     report: Callable[[str], None],
 ) -> dict[str, torch.Tensor]:
-    """Train SD1.5's UNet layout from scratch on model-space ``latents`` and their caption ``contexts``; returns the
-    exponential moving average of its weights (what sampling uses)."""
+    """Train SD1.5's UNet layout from scratch through ``stages`` in turn (one optimiser, one learning-rate schedule
+    over all their steps) on the denoising loss, each latent cell weighted by its stage's weights; returns the
+    exponential moving average of the weights (what sampling uses)."""
     config = comfy.supported_models.SD15(dict(models.SMALL_SD1_UNET))
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     unet = base.diffusion_model
     init_from_scratch(unet, settings.seed + 21, _zero_branch)
     sampling = base.model_sampling
+    live = {k: v for k, v in unet.state_dict().items() if v.is_floating_point()}  # views of the parameters
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_lr, weight_decay=0.01)
-    warm = settings.warmup
+    total, warm = sum(s.steps for s in stages), settings.warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * (0.5 + 0.5 * math.cos(math.pi * s / settings.unet_steps))
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * (0.5 + 0.5 * math.cos(math.pi * s / total))
     )
     generator = torch.Generator().manual_seed(settings.seed + 22)
-    start, running = time.time(), []
-    for step in range(settings.unet_steps):
-        index = torch.randint(len(latents), (settings.unet_batch,), generator=generator)
-        x0 = latents[index].float()
-        context = contexts[index].float()
-        drop = torch.rand(settings.unet_batch, generator=generator) < settings.uncond_rate
-        context[drop] = empty.float()
-        noise = torch.randn(x0.shape, generator=generator)
-        noise = noise + settings.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=generator)
-        timestep = torch.randint(0, len(sampling.sigmas), (settings.unet_batch,), generator=generator)
-        sigma = sampling.sigma(timestep.float())
-        x_in = sampling.calculate_input(sigma, sampling.noise_scaling(sigma, noise, x0))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            prediction = unet(x_in, sampling.timestep(sigma).float(), context=context).float()
-        snr = sigma.float() ** -2
-        weight = (snr.clamp(max=settings.min_snr) / snr).reshape(-1, 1, 1, 1)
-        loss = ((prediction - noise).square() * weight).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        decay = min(settings.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for key, value in unet.state_dict().items():
-                if value.is_floating_point():
-                    ema[key].lerp_(value, 1 - decay)
-        running.append(float(loss.detach()))
-        if (step + 1) % 50 == 0 or step == 0:
-            report(
-                f"unet step {step + 1}/{settings.unet_steps} loss {sum(running) / len(running):.4f} ({time.time() - start:.0f} s)"
-            )
-            running = []
+    start, running, step = time.time(), [], 0
+    for stage in stages:
+        for _ in range(stage.steps):
+            index = torch.randint(len(stage.latents), (stage.batch,), generator=generator)
+            x0 = stage.latents[index].float()
+            context = contexts[index].float()
+            drop = torch.rand(stage.batch, generator=generator) < settings.uncond_rate
+            context[drop] = empty.float()
+            noise = torch.randn(x0.shape, generator=generator)
+            noise = noise + settings.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=generator)
+            timestep = torch.randint(0, len(sampling.sigmas), (stage.batch,), generator=generator)
+            sigma = sampling.sigma(timestep.float())
+            x_in = sampling.calculate_input(sigma, sampling.noise_scaling(sigma, noise, x0))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                prediction = unet(x_in, sampling.timestep(sigma).float(), context=context).float()
+            snr = sigma.float() ** -2
+            weight = (snr.clamp(max=settings.min_snr) / snr).reshape(-1, 1, 1, 1) * stage.weights[index]
+            loss = ((prediction - noise).square() * weight).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            decay = min(settings.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_([ema[k] for k in live], list(live.values()), 1 - decay)
+            running.append(float(loss.detach()))
+            step += 1
+            if step % 50 == 0 or step == 1:
+                side = x0.shape[-1] * 8
+                report(
+                    f"unet step {step}/{total} ({side} px) loss {sum(running) / len(running):.4f} ({time.time() - start:.0f} s)"
+                )
+                running = []
     return ema
 
 
@@ -314,7 +345,16 @@ def _digest(settings: WorldSettings, stage: str) -> str:
         for k, v in asdict(settings).items()
         if stage == "all" or k.startswith(stage) or k in ("seed", "scenes", "max_things", "warmup")
     }
-    return hashlib.sha256(json.dumps({**fields, "size": IMAGE_SIZE}, sort_keys=True).encode()).hexdigest()[:12]
+    record = {**fields, "size": IMAGE_SIZE, "world": WORLD_VERSION}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def _latents(vae: comfy.taesd.taesd.TAESD, images: torch.Tensor) -> torch.Tensor:
+    """Model-space float16 latents of ``images`` ``[N, 3, H, W]`` in ``[0, 1]``."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = torch.cat([vae.encode(images[i : i + 256] * 2 - 1).float() for i in range(0, len(images), 256)])
+    return (latents * SD1_LATENT_SCALE).to(torch.float16)
 
 
 def build_world_model(path: str, settings: WorldSettings = WorldSettings(), report: Callable[[str], None] = print) -> dict:
@@ -339,9 +379,18 @@ def build_world_model(path: str, settings: WorldSettings = WorldSettings(), repo
     vae_seconds = time.time() - started
     reconstruction = vae_reconstruction(vae)
     report(f"vae reconstruction: {reconstruction}")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        latents = torch.cat([vae.encode(images[i : i + 256] * 2 - 1).float() for i in range(0, len(images), 256)])
-    latents = (latents * SD1_LATENT_SCALE).to(torch.float16)
+    coarse = images_of(scenes, IMAGE_SIZE // 2)
+    stages = [
+        UNetStage(
+            _latents(vae, coarse),
+            object_weights(coarse, settings.unet_object_weight),
+            settings.unet_coarse_steps,
+            settings.unet_coarse_batch,
+        ),
+        UNetStage(
+            _latents(vae, images), object_weights(images, settings.unet_object_weight), settings.unet_steps, settings.unet_batch
+        ),
+    ]
 
     clip = frozen_clip(settings.seed)
     captions = [s.caption() for s in scenes]
@@ -352,7 +401,7 @@ def build_world_model(path: str, settings: WorldSettings = WorldSettings(), repo
     empty = encoded[-1]
     report(f"{len(unique)} captions encoded ({time.time() - started:.0f} s)")
 
-    ema = train_unet(latents, contexts, empty, settings, report)
+    ema = train_unet(stages, contexts, empty, settings, report)
     config = comfy.supported_models.SD15(dict(models.SMALL_SD1_UNET))
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
@@ -373,6 +422,18 @@ def build_world_model(path: str, settings: WorldSettings = WorldSettings(), repo
     os.replace(partial, path)
     report(f"world model written to {path} ({seconds / 60:.1f} min)")
     return info
+
+
+def checkpoint_identity(path: str) -> str:
+    """A short id of the world checkpoint at ``path`` (a digest of the training record it carries, which includes its
+    settings and timings): files trained on one world model are never reused with another."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        record = (f.metadata() or {}).get("mixofshow.world", "")
+    return hashlib.sha256(record.encode()).hexdigest()[:12]
 
 
 def load_world_model(path: str):

@@ -4,7 +4,7 @@ Run through ``make demo``. Three cases, first match wins:
 
 * ``CKPT`` and ``EDLORA`` point at an SD1.x checkpoint and an ED-LoRA: the single-concept workflow renders them (set
   ``PROMPT`` to use the ED-LoRA's own concept words);
-* the small world is cached (``make world``: the miniature SD1.x world model and its ten trained concepts, about 45
+* the small world is cached (``make world``: the miniature SD1.x world model and its ten trained concepts, about 55
   minutes on two CPU cores, so a fresh machine does not train it within the demo): the shipped fuse_loras_regional
   workflow, its three LoRA concepts swapped for three world ED-LoRAs, gradient-fuses them and paints each in its own
   box; the demo then says which concept the evaluator sees in each box;
@@ -62,8 +62,10 @@ def world_files() -> tuple[str, list[str]] | None:
 
     checkpoint = world_model.cached_world_checkpoint()
     concepts = [c for name in WORLD_CONCEPTS for c in world.CONCEPTS if c.name == name]
-    files = world_concepts.trained_concept_files(concepts)
-    return (checkpoint, files) if checkpoint and files else None
+    if checkpoint is None:
+        return None
+    files = world_concepts.trained_concept_files(world_model.checkpoint_identity(checkpoint), concepts)
+    return (checkpoint, files) if files else None
 
 
 def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:

@@ -1,6 +1,6 @@
 """Train the miniature SD1.x world model (devkit/world_model.py) and cache it outside the repository.
 
-Usage: ``make world`` or ``$PYTHON scripts/train_world_model.py [--force] [--quick]``. It takes about 25 minutes on
+Usage: ``make world`` or ``$PYTHON scripts/train_world_model.py [--force] [--quick]``. It takes about 32 minutes on
 two CPU cores; ``--quick`` trains a few steps only (to check the pipeline; not a usable model) into a temporary file.
 """
 
@@ -32,7 +32,7 @@ def main() -> int:
     path = args.out or os.path.join(world_model.cache_dir(), world_model.CHECKPOINT_NAME)
     settings = world_model.WorldSettings()
     if args.quick:
-        settings = world_model.WorldSettings(scenes=64, vae_steps=20, unet_steps=20, warmup=5)
+        settings = world_model.WorldSettings(scenes=64, vae_steps=20, unet_coarse_steps=10, unet_steps=10, warmup=5)
         path = args.out or os.path.join(tempfile.mkdtemp(), world_model.CHECKPOINT_NAME)
     elif os.path.isfile(path) and not args.force:
         print(f"world model already cached: {path} (--force trains it again)")

@@ -119,3 +119,36 @@ def test_the_world_vae_starts_as_an_exact_block_average_that_comfyui_loads_as_ta
     assert torch.allclose(vae.decode(latent).float(), image, atol=2e-3)
     sharp = render(Scene("white", (CONCEPTS[0].thing(size=0.6),)), 128)
     assert identify(vae.decode(vae.encode(sharp[None]))[0].float()) == CONCEPTS[0].name
+
+
+def test_scenes_favour_one_object_anywhere_and_the_unet_loss_weighs_object_cells_up():
+    """The world draws fewer objects more often, a single one at every place; the world model's UNet loss weighs each
+    latent cell by how much of it objects cover (background cells 1, fully covered cells 1 + the weight)."""
+    from collections import Counter
+
+    from mixofshow.devkit.world import POSITIONS
+    from mixofshow.devkit.world_model import object_weights
+
+    scenes = [random_scene(torch.Generator().manual_seed(s), max_things=3) for s in range(300)]
+    counts = Counter(len(s.things) for s in scenes)
+    assert counts[1] > counts[2] > counts[3] > 0, counts
+    assert {s.things[0].position for s in scenes if len(s.things) == 1} == set(POSITIONS)
+
+    image = render(Scene("grey", (Thing("square", "red", position="left", size=0.4),)), 64).permute(2, 0, 1)[None]
+    weights = object_weights(image, 2.0)
+    assert weights.shape == (1, 1, 8, 8)
+    assert torch.all(weights[..., 4:] == 1)  # the right half is background
+    assert float(weights.max()) == 3.0 and float(weights[0, 0, 0, 0]) == 1.0
+
+
+def test_concept_files_are_only_reused_with_the_world_model_they_were_trained_on(tmp_path):
+    import json
+
+    from mixofshow.devkit.world_concepts import trained_concept_files
+
+    zorb = CONCEPTS[0]
+    (tmp_path / "world_zorb.safetensors").write_bytes(b"")
+    (tmp_path / "world_zorb.json").write_text(json.dumps({"base": "abc", "concept": zorb.__dict__}))
+    assert trained_concept_files("abc", [zorb], str(tmp_path)) == [str(tmp_path / "world_zorb.safetensors")]
+    assert trained_concept_files("another", [zorb], str(tmp_path)) is None
+    assert trained_concept_files("abc", [zorb, CONCEPTS[1]], str(tmp_path)) is None  # quill was never trained
