@@ -184,6 +184,16 @@ def render(scene: Scene, size: int = 64) -> torch.Tensor:
     return image
 
 
+def object_mask(images: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:
+    """Where the objects of renders ``images`` ``[..., H, W, 3]`` are: ``[..., H, W]`` bool, the pixels whose colour
+    differs from ``background`` (``[..., 1, 1, 3]``; default each image's top-left pixel, which every scene leaves
+    background) by more than 0.05 in some channel (so a pattern's white on a white background counts as background).
+    For exact renders, not for samples (see :func:`measure`)."""
+    if background is None:
+        background = images[..., :1, :1, :]
+    return (images - background).abs().amax(dim=-1) > 0.05
+
+
 # ------------------------------------------------------------------------------------------------------- evaluator
 
 

@@ -77,9 +77,7 @@ def concept_images(concept, places=TRAIN_PLACES) -> tuple[torch.Tensor, torch.Te
     """``(images [N, S, S, 3], subject masks [N, S, S])`` of ``concept`` at the training places."""
     scenes = [world.Scene(bg, (concept.thing(position),)) for position, bg in places]
     images = torch.stack([world.render(s, world_model.IMAGE_SIZE) for s in scenes])
-    masks = torch.stack([world.render(world.Scene("white", s.things), world_model.IMAGE_SIZE) for s in scenes])
-    masks = ((masks - torch.tensor(world.BACKGROUNDS["white"])).abs().amax(dim=-1) > 0.05).float()
-    return images, masks
+    return images, world.object_mask(images).float()
 
 
 def _stamp_key(concept, settings: TrainSettings, base: str) -> str:

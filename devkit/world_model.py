@@ -197,8 +197,8 @@ def train_vae(images: torch.Tensor, settings: WorldSettings, report: Callable[[s
         batch = images[index, :, y : y + crop, x : x + crop]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = vae.taesd_decoder(vae.taesd_encoder(batch)).float()
-        background = images[index, :, :1, :1]  # every scene's top-left pixel is background
-        on_object = ((batch - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
+        background = images[index, :, :1, :1]  # of the whole image: a crop's corner may lie on an object
+        on_object = world.object_mask(batch.permute(0, 2, 3, 1), background.permute(0, 2, 3, 1))[:, None].float()
         loss = ((out - batch).square() * (1 + settings.vae_object_weight * on_object)).mean()
         loss.backward()
         optimizer.step()
@@ -268,8 +268,8 @@ class UNetStage:
 
 def object_weights(images: torch.Tensor, object_weight: float) -> torch.Tensor:
     """``[N, 1, H/8, W/8]`` loss weights for the latents of ``images`` ``[N, 3, H, W]``: 1 plus ``object_weight``
-    times the share of each 8x8 cell that objects cover (every scene's top-left pixel is background)."""
-    on_object = ((images - images[:, :, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    times the share of each 8x8 cell that objects cover (:func:`devkit.world.object_mask`)."""
+    on_object = world.object_mask(images.permute(0, 2, 3, 1))[:, None].float()
     return 1 + object_weight * torch.nn.functional.avg_pool2d(on_object, 8)
 
 

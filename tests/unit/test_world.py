@@ -16,6 +16,7 @@ from mixofshow.devkit.world import (
     colour_share,
     identify,
     measure,
+    object_mask,
     pattern_of,
     position_of,
     random_scene,
@@ -139,6 +140,22 @@ def test_scenes_favour_one_object_anywhere_and_the_unet_loss_weighs_object_cells
     assert weights.shape == (1, 1, 8, 8)
     assert torch.all(weights[..., 4:] == 1)  # the right half is background
     assert float(weights.max()) == 3.0 and float(weights[0, 0, 0, 0]) == 1.0
+
+
+def test_object_masks_cover_each_object_whatever_the_background():
+    """The one object test (VAE loss, UNet loss weights, concept subject masks): a concept's footprint is the same on
+    every background and in every place, and is exactly its shape's area; the training masks are these footprints."""
+    from mixofshow.devkit.world_concepts import TRAIN_PLACES, concept_images
+
+    for concept in CONCEPTS:
+        masks = {bg: object_mask(render(Scene(bg, (concept.thing("left"),)), 64)) for bg in BACKGROUNDS}
+        assert all(torch.equal(m, masks["white"]) for m in masks.values()), concept.name
+        solid = render(Scene("white", (Thing(concept.shape, "red", position="left"),)), 64)
+        assert torch.equal(masks["white"], (solid != render(Scene("white", ()), 64)).any(dim=-1))
+        images, subject = concept_images(concept)
+        assert subject.shape == images.shape[:3] and torch.equal(subject, object_mask(images).float())
+        assert all(float(m.mean()) > 0.05 for m in subject), concept.name
+    assert len(TRAIN_PLACES) == len(subject)
 
 
 def test_concept_files_are_only_reused_with_the_world_model_they_were_trained_on(tmp_path):
