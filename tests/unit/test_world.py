@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from mixofshow.devkit.world import (
     WORLD_PAIRS,
     Scene,
     Thing,
+    attribute_accuracy,
     colour_share,
     identify,
     measure,
@@ -156,6 +158,23 @@ def test_object_masks_cover_each_object_whatever_the_background():
         assert subject.shape == images.shape[:3] and torch.equal(subject, object_mask(images).float())
         assert all(float(m.mean()) > 0.05 for m in subject), concept.name
     assert len(TRAIN_PLACES) == len(subject)
+
+
+def test_attribute_accuracy_reads_what_a_model_draws_right():
+    """A model that draws every caption exactly scores 1 on every attribute; one that draws the right object in the
+    wrong place loses only the position; one that draws the background alone keeps only the background."""
+    exact = attribute_accuracy(lambda scene, i: render(scene, 128), count=12)
+    assert exact == {"background": 1.0, "colours": 1.0, "pattern": 1.0, "shape": 1.0, "position": 1.0}
+
+    def misplaced(scene, i):
+        thing = scene.things[0]
+        elsewhere = {"left": "right", "centre": "left", "right": "left"}[thing.position]
+        return render(Scene(scene.background, (replace(thing, position=elsewhere),)), 128)
+
+    moved = attribute_accuracy(misplaced, count=12)
+    assert moved["position"] == 0.0 and moved["shape"] == moved["colours"] == moved["background"] == 1.0
+    empty = attribute_accuracy(lambda scene, i: render(Scene(scene.background, ()), 128), count=12)
+    assert empty == {"background": 1.0, "colours": 0.0, "pattern": 0.0, "shape": 0.0, "position": 0.0}
 
 
 def test_concept_files_are_only_reused_with_the_world_model_they_were_trained_on(tmp_path):
