@@ -202,7 +202,8 @@ def grid(path: str, columns: list[str], rows: list[tuple[str, dict]], extra: lis
             draw.text((label_w + j * cell + 2, y + 3), label.replace("concepts, ", ""), fill=(200, 200, 200))
             paste(image, label_w + j * cell, y + head_h)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+    # 256 colours: samples of a lightly trained model are noisy and a full-colour PNG of ten columns is 1.6 MB
+    canvas.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def main() -> int:
