@@ -37,6 +37,8 @@ PATTERNS = ("solid", "striped", "checkered", "dotted")
 POSITIONS = {"left": 0.25, "centre": 0.5, "right": 0.75}
 #: object size (fraction of the image side) by number of objects: three side by side must not overlap
 SIZES = {1: 0.45, 2: 0.4, 3: 0.26}
+#: the least share of the image an object must cover to be read at all (less is specks, not an object)
+MIN_COVERAGE = 0.02
 #: the two-colour pairs the ordinary world uses for patterned objects (concepts use others)
 WORLD_PAIRS = (("red", "yellow"), ("blue", "white"), ("green", "black"), ("purple", "yellow"))
 
@@ -302,7 +304,7 @@ def position_of(measured: Measured) -> str:
     return min(POSITIONS, key=lambda p: abs(POSITIONS[p] - measured.centre_x))
 
 
-def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = 0.02) -> str | None:
+def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = MIN_COVERAGE) -> str | None:
     """The concept ``image`` shows, or None: the concept with the same colour pair, scored by pattern and shape."""
     measured = measure(image)
     if measured.coverage < min_coverage:
@@ -323,7 +325,7 @@ def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = 0.02)
     return best.name if score(best) >= 1 else None
 
 
-def colour_share(image: torch.Tensor, concept: Concept, min_coverage: float = 0.02) -> float:
+def colour_share(image: torch.Tensor, concept: Concept, min_coverage: float = MIN_COVERAGE) -> float:
     """How much of the object ``image`` shows is in ``concept``'s two colours (0 when no object): a graded identity
     score, the analogue of the paper's image alignment, that moves before :func:`identify` flips (a blob in the
     right colours scores without the right shape or pattern) and drops when another concept's colours bleed in."""
@@ -344,9 +346,10 @@ def attribute_accuracy(draw, count: int = 20, seed: int = 99) -> dict[str, float
     hits = {"background": 0, "colours": 0, "pattern": 0, "shape": 0, "position": 0}
     for index, scene in enumerate(scenes):
         # against what the evaluator reads from the exact render (a white stripe on white reads as solid)
-        got, want = measure(draw(scene, index)), measure(render(scene, 128))
+        image = draw(scene, index)
+        got, want = measure(image), measure(render(scene, image.shape[0]))
         hits["background"] += got.background == want.background
-        if got.coverage < 0.02:  # no object drawn: nothing of it can be right (an empty reading looks centred)
+        if got.coverage < MIN_COVERAGE:  # no object drawn: nothing of it can be right (an empty reading looks centred)
             continue
         hits["colours"] += got.pair() == want.pair()
         hits["pattern"] += pattern_of(got) == pattern_of(want)

@@ -41,26 +41,24 @@ def main() -> int:
         if not os.path.isfile(path):
             print(f"no world model at {path}; train it first")
             return 1
-        print(json.dumps({"path": path, "attributes": readback(world_model, path)}))
+        print(json.dumps({"path": path, "attributes": readback(world_model, *world_model.load_world_model(path))}))
         return 0
     elif os.path.isfile(path) and not args.force:
         print(f"world model already cached: {path} (--force trains it again)")
         return 0
     info = world_model.build_world_model(path, settings, report=lambda line: print(line, flush=True))
     model, clip, vae = world_model.load_world_model(path)
-    attributes = readback(world_model, path)
+    attributes = readback(world_model, model, clip, vae)
     print(json.dumps({**info, "path": path, "loaded_as": type(model.model.model_config).__name__, "attributes": attributes}))
     return 0
 
 
-def readback(world_model, path: str) -> dict:
+def readback(world_model, model, clip, vae) -> dict:
     """Sample 20 single-object captions of the ordinary world (cfg 5, as the benchmark samples) and measure which
     attributes come out as asked (devkit.world.attribute_accuracy): about two minutes on two cores."""
     import torch
 
     from mixofshow.devkit import world
-
-    model, clip, vae = world_model.load_world_model(path)
 
     def draw(scene, index):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
