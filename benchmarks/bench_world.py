@@ -14,7 +14,8 @@ concept named by a plain word) for the LoRA rows. Then, one run, side by side:
 * a picture grid (``--grid``, default ``docs/images/world_grid.png``).
 
 Evaluation prompts put each concept at a position on a background it was never trained with there. Training and
-sampling run on the CPU under bfloat16 autocast (a 2x speed-up on CPUs with AMX; the weights stay float32).
+sampling run on the CPU under bfloat16 autocast where the CPU computes bfloat16 natively (a 2x speed-up there; in
+float32 elsewhere, where emulated bfloat16 is 2-3x slower; the weights stay float32).
 
 Usage: ``$PYTHON benchmarks/bench_world.py [--concepts 10] [--seeds 1] [--steps N] [--lbfgs-iters 50]``.
 """
@@ -71,7 +72,6 @@ def judge(image, concept, position: str, background: str) -> dict:
 
 
 def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, places, keep: dict | None = None) -> list[dict]:
-    import torch
 
     from mixofshow.devkit import world_model
     from mixofshow.devkit.world_concepts import ed_subject, phrase
@@ -81,10 +81,10 @@ def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, places, k
     for concept in concepts:
         subject = {"edlora": ed_subject(concept), "lora": concept.name, "words": concept.thing("centre").words()}[kind]
         for place_index, (position, background) in enumerate(places):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with world_model.cpu_autocast():
                 positive = encode_prompt(clip, stack, phrase(subject, position, background))
             for seed in range(seeds):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with world_model.cpu_autocast():
                     image = world_model.sample(model, clip, vae, positive, seed=seed)
                 records.append({"concept": concept.name, **judge(image, concept, position, background)})
                 if keep is not None and place_index == 0 and seed == 0:
@@ -124,7 +124,6 @@ def fuse(model, clip, stack, method: str, drift: bool = True, lbfgs_iters: int =
 
 def regional(model, clip, vae, stack, groups, seeds: int, keep: list) -> dict:
     """Per group size: the share of boxes showing their own concept, with regions and with the same prompt alone."""
-    import torch
 
     from mixofshow.devkit import world, world_model
     from mixofshow.devkit.world_concepts import ed_subject, phrase
@@ -146,12 +145,12 @@ def regional(model, clip, vae, stack, groups, seeds: int, keep: list) -> dict:
             Region(phrase(ed_subject(c), p, "white"), box=Box(0.0, strips[p] * width, 1.0, (strips[p] + 1) * width))
             for c, p in zip(group, positions, strict=True)
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with world_model.cpu_autocast():
             regional_model, positive, _ = regional_conditioning(model, clip, caption, "", regions, stack)
             plain_positive = encode_prompt(clip, stack, caption)
         for seed in range(seeds):
             for mode, m, cond in (("regions", regional_model, positive), ("prompt only", model, plain_positive)):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with world_model.cpu_autocast():
                     image = world_model.sample(m, clip, vae, cond, seed=seed)
                 cut = [round(i * size / len(group)) for i in range(len(group) + 1)]
                 hits = [

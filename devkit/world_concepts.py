@@ -5,7 +5,7 @@ Each concept (:data:`devkit.world.CONCEPTS`, looks the world never shows) is tra
 ED-LoRA node (words ``<zorb1> <zorb2>``, the class word its shape), and as an ordinary LoRA (adapters only, the
 concept named by its plain word ``zorb``), the paper's LoRA baseline. Files are cached in
 ``<world cache>/concepts`` with a stamp of the recipe; a second call with the same recipe reuses them. Training runs
-under bfloat16 autocast on the CPU (the weights stay float32).
+under bfloat16 autocast where the CPU computes it natively (``world_model.cpu_autocast``; the weights stay float32).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def train_concepts(
         if fresh:
             started = time.time()
             captions = "\n".join(phrase("<TOK>", p, bg) for p, bg in TRAIN_PLACES)
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.inference_mode(), world_model.cpu_autocast():
                 TrainEDLoRA.execute(
                     model=model,
                     clip=clip,

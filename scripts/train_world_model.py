@@ -61,7 +61,7 @@ def readback(world_model, model, clip, vae) -> dict:
     from mixofshow.devkit import world
 
     def draw(scene, index):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), world_model.cpu_autocast():
             return world_model.sample(model, clip, vae, scene.caption(), seed=index)
 
     return world.attribute_accuracy(draw)

@@ -188,3 +188,18 @@ def test_concept_files_are_only_reused_with_the_world_model_they_were_trained_on
     assert trained_concept_files("abc", [zorb], str(tmp_path)) == [str(tmp_path / "world_zorb.safetensors")]
     assert trained_concept_files("another", [zorb], str(tmp_path)) is None
     assert trained_concept_files("abc", [zorb, CONCEPTS[1]], str(tmp_path)) is None  # quill was never trained
+
+
+def test_the_world_computes_in_bfloat16_only_where_the_cpu_does_it_in_hardware():
+    """Emulated bfloat16 is 2-3x slower than float32: the world's autocast is bfloat16 only on CPUs that report it."""
+    from mixofshow.devkit.world_model import cpu_autocast, native_bfloat16
+
+    avx512 = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni"
+    assert not native_bfloat16(avx512)
+    assert native_bfloat16(avx512 + " avx512_bf16")
+    assert native_bfloat16(avx512 + " amx_bf16 amx_tile")
+    assert not native_bfloat16("flags : avx512_bf16x")  # a flag is a whole word
+    context = cpu_autocast()
+    with context:
+        product = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert product.dtype == (torch.bfloat16 if native_bfloat16() else torch.float32)
