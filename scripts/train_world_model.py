@@ -55,7 +55,8 @@ def main() -> int:
 
 def readback(world_model, model, clip, vae) -> dict:
     """Sample 20 single-object captions of the ordinary world (cfg 5, as the benchmark samples) and measure which
-    attributes come out as asked (devkit.world.attribute_accuracy): about two minutes on two cores."""
+    attributes come out as asked (devkit.world.attribute_accuracy): about two minutes on two cores; then how far the
+    place and colour words steer the model's prediction (world_model.caption_steering, no sampling)."""
     import torch
 
     from mixofshow.devkit import world
@@ -64,7 +65,9 @@ def readback(world_model, model, clip, vae) -> dict:
         with torch.inference_mode(), world_model.cpu_autocast():
             return world_model.sample(model, clip, vae, scene.caption(), seed=index)
 
-    return world.attribute_accuracy(draw)
+    attributes = world.attribute_accuracy(draw)
+    with torch.inference_mode(), world_model.cpu_autocast():
+        return {**attributes, "steering": world_model.caption_steering(model, clip, vae)}
 
 
 if __name__ == "__main__":

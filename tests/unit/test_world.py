@@ -10,7 +10,12 @@ import torch
 
 from mixofshow.devkit.world import (
     BACKGROUNDS,
+    COLOURS,
     CONCEPTS,
+    PATTERNS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
     WORLD_PAIRS,
     Scene,
     Thing,
@@ -203,3 +208,43 @@ def test_the_world_computes_in_bfloat16_only_where_the_cpu_does_it_in_hardware()
     with context:
         product = torch.ones(4, 4) @ torch.ones(4, 4)
     assert product.dtype == (torch.bfloat16 if native_bfloat16() else torch.float32)
+
+
+def test_caption_steering_tells_a_model_that_follows_the_place_word_from_one_that_ignores_it():
+    """The sampler-free probe on stand-ins with known answers: a model that predicts the scene its caption names moves
+    the object as far as the exact renders do; one that predicts the same object whatever the place word says moves
+    it nowhere, yet still answers to the colour word."""
+    from types import SimpleNamespace
+
+    from mixofshow.devkit.world_model import caption_steering
+
+    def block_average(pixels):  # [1, H, W, 3] -> [1, 3, H/8, W/8], as the world VAE's starting point encodes
+        return torch.nn.functional.avg_pool2d(pixels.permute(0, 3, 1, 2), 8)
+
+    def model_for(follow_place: bool):
+        def apply_model(x, sigma, c_crossattn):
+            scene = c_crossattn
+            if not follow_place:  # the object always in the middle, in the caption's colours
+                scene = Scene(scene.background, (replace(scene.things[0], position="centre"),))
+            return block_average(render(scene, 64)[None])
+
+        inner = SimpleNamespace(process_latent_in=lambda latent: latent, apply_model=apply_model)
+        return SimpleNamespace(model=inner)
+
+    # the stand-in CLIP hands the model the scene its caption describes (every single-object scene's caption, looked up)
+    scenes = {}
+    for shape, colour, pattern, second, position, background in itertools.product(
+        SHAPES, COLOURS, PATTERNS, ("", *COLOURS), POSITIONS, BACKGROUNDS
+    ):
+        if (pattern == "solid") == (second == ""):
+            scene = Scene(background, (Thing(shape, colour, pattern, second, position, SIZES[1]),))
+            scenes[scene.caption()] = scene
+    clip = SimpleNamespace(tokenize=lambda caption: caption, encode_from_tokens=lambda caption: scenes[caption])
+    vae = SimpleNamespace(encode=block_average)
+    follows = caption_steering(model_for(True), clip, vae, count=6, sigmas=(8.0,), size=64)
+    ignores = caption_steering(model_for(False), clip, vae, count=6, sigmas=(8.0,), size=64)
+    assert 0.4 < follows["exact_shift"] < 0.6
+    assert follows["sigma 8"]["position_shift"] == follows["exact_shift"]
+    assert follows["sigma 8"]["position_change"] > 0.5
+    assert ignores["sigma 8"]["position_shift"] == 0.0 and ignores["sigma 8"]["position_change"] == 0.0
+    assert ignores["sigma 8"]["colour_change"] > 0.2
