@@ -72,7 +72,6 @@ def judge(image, concept, position: str, background: str) -> dict:
 
 
 def evaluate(model, clip, vae, stack, concepts, kind: str, seeds: int, places, keep: dict | None = None) -> list[dict]:
-
     from mixofshow.devkit import world_model
     from mixofshow.devkit.world_concepts import ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
@@ -124,7 +123,6 @@ def fuse(model, clip, stack, method: str, drift: bool = True, lbfgs_iters: int =
 
 def regional(model, clip, vae, stack, groups, seeds: int, keep: list) -> dict:
     """Per group size: the share of boxes showing their own concept, with regions and with the same prompt alone."""
-
     from mixofshow.devkit import world, world_model
     from mixofshow.devkit.world_concepts import ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
