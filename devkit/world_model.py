@@ -25,6 +25,7 @@ stay float32) and in float32 elsewhere, deterministic for the seed on one machin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -54,19 +55,24 @@ def native_bfloat16(cpu_flags: str | None = None) -> bool:
     float32; where it does not, PyTorch emulates it and the same work runs 2-3x *slower* (measured on a 2-core AVX-512
     CPU without either: a UNet step 4.3 s vs 2.1 s, a VAE step 3.3 s vs 1.0 s). Read from the flags, not timed, so the
     choice, and with it the numbers, is the same on every run on one machine."""
-    if cpu_flags is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_flags = f.read()
-        except OSError:  # not Linux: no way to tell, and float32 is never the slow choice
-            return False
-    words = set(cpu_flags.split())
+    words = set((_proc_cpuinfo() if cpu_flags is None else cpu_flags).split())
     return "avx512_bf16" in words or "amx_bf16" in words
+
+
+@functools.cache
+def _proc_cpuinfo() -> str:
+    """``/proc/cpuinfo``, read once (every training step asks for the autocast); empty where there is none (not
+    Linux: no way to tell, and float32 is never the slow choice)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def cpu_autocast():
     """The autocast context every CPU step of the small world runs under (building the model, its concepts, the
-    benchmark, the demo's readback): bfloat16 where :func:`native_bfloat16`, else a disabled one (float32)."""
+    benchmark, the readback): bfloat16 where :func:`native_bfloat16`, else a disabled one (float32)."""
     if native_bfloat16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
