@@ -248,3 +248,22 @@ def test_caption_steering_tells_a_model_that_follows_the_place_word_from_one_tha
     assert follows["sigma 8"]["position_change"] > 0.5
     assert ignores["sigma 8"]["position_shift"] == 0.0 and ignores["sigma 8"]["position_change"] == 0.0
     assert ignores["sigma 8"]["colour_change"] > 0.2
+
+
+def test_the_world_text_encoder_keeps_each_word_its_own_unless_told_to_mix():
+    """With its residual branches zeroed, the world's CLIP-L gives every token the features of its own word at its
+    place: changing the colour word leaves the shape and place words' features as they were. The random CLIP-L
+    mixes them (the place word's features then depend on the colour before it)."""
+    from mixofshow.devkit.world_model import encode_captions, frozen_clip
+
+    captions = ["a red circle on the left, on a grey background", "a blue circle on the left, on a grey background"]
+    for mix_tokens in (False, True):
+        clip = frozen_clip(0, mix_tokens)
+        red, blue = encode_captions(clip, captions).float()
+        # token 0 is the start token, 1 "a", 2 the colour word, then "circle on the left , ..."
+        colour, rest = (red[2] - blue[2]).abs().amax(), (red[3:12] - blue[3:12]).abs().amax()
+        assert colour > 0.1
+        if mix_tokens:
+            assert rest > 0.01
+        else:
+            assert rest == 0.0
