@@ -235,7 +235,7 @@ def main() -> int:
 
     path = world_model.cached_world_checkpoint()
     if path is None:
-        print("The world model is not cached; train it first with 'make world' (about 32 minutes on two CPU cores).")
+        print("The world model is not cached; train it first with 'make world' (32-49 minutes on two CPU cores).")
         return 1
     started = time.time()
     torch.manual_seed(0)

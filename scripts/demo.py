@@ -4,8 +4,8 @@ Run through ``make demo``. Three cases, first match wins:
 
 * ``CKPT`` and ``EDLORA`` point at an SD1.x checkpoint and an ED-LoRA: the single-concept workflow renders them (set
   ``PROMPT`` to use the ED-LoRA's own concept words);
-* the small world is cached (``make world``: the miniature SD1.x world model and its ten trained concepts, about 55
-  minutes on two CPU cores, so a fresh machine does not train it within the demo): the shipped fuse_loras_regional
+* the small world is cached (``make world``: the miniature SD1.x world model and its ten trained concepts, 1.5-2
+  hours on two CPU cores, so a fresh machine does not train it within the demo): the shipped fuse_loras_regional
   workflow, its three LoRA concepts swapped for three world ED-LoRAs, gradient-fuses them and paints each in its own
   box; the demo then says which concept the evaluator sees in each box;
 * otherwise an embedded default, built deterministically (a small SD1.x-architecture checkpoint with random weights

@@ -1,7 +1,7 @@
 """Train the miniature SD1.x world model (devkit/world_model.py) and cache it outside the repository.
 
 Usage: ``make world`` or ``$PYTHON scripts/train_world_model.py [--force] [--quick] [--readback]``. It takes about
-32 minutes on two CPU cores with bfloat16 hardware (45-50 without), then measures which attributes of ordinary
+32 minutes on two CPU cores with bfloat16 hardware (about 49 without), then measures which attributes of ordinary
 captions the model draws and how far place and colour words steer it (``--readback``: that alone, on the cached
 model); ``--quick`` trains a few steps only (to check the pipeline; not a usable model) into a temporary file.
 """
