@@ -56,9 +56,9 @@ def ed_subject(concept) -> str:
 
 #: how every concept is trained: the MoS Train ED-LoRA inputs (the ordinary LoRA uses the same numbers, adapters
 #: only); each concept gets its own words, class word and seed. Learning rates are 10x the original's (5x on the
-#: text encoder), chosen by a one-concept sweep judged by the evaluator, for 100 steps instead of 1000: on three
-#: concepts (zorb, pell, kesh; 18 images each) 40 steps left the ED-LoRAs at 6% identity and 47% concept colour
-#: share and the LoRAs drawing nothing (2%), 100 steps gave 11% / 66% and 0% / 32%, at 2.5x the training time.
+#: text encoder), chosen by a one-concept sweep judged by the evaluator; 100 steps instead of 1000, chosen by a
+#: three-concept sweep (zorb, pell, kesh; 18 images each): 40 steps left the ED-LoRAs at 6% identity and 47% concept
+#: colour share and the LoRAs drawing nothing (2%), 100 steps gave 11% / 66% and 0% / 32%, at 2.5x the training time.
 WORLD_RECIPE = TrainSettings(
     steps=100,
     batch_size=1,

@@ -139,8 +139,7 @@ def frozen_clip(seed: int, mix_tokens: bool = False) -> comfy.sd.CLIP:
     """The world model's text encoder: a deterministic random CLIP-L with its weights rounded to fp16 (as saved).
 
     Unless ``mix_tokens``, every layer's residual branches (attention output and MLP output projections) are zero, so
-    each output token is its own word at its place, layer-normed: random layers mix every token with its predecessors
-    into features 0.8 cosine-similar, which the UNet reads slowly (see :class:`WorldSettings`)."""
+    each output token is its own word at its place, layer-normed (why: :attr:`WorldSettings.mix_tokens`)."""
     clip = models.clip_l(seed)
     with torch.no_grad():
         for name, param in clip.cond_stage_model.named_parameters():
