@@ -10,7 +10,9 @@ concept named by a plain word) for the LoRA rows. Then, one run, side by side:
   the prompted concept), text alignment (the background and position the prompt asks for), and the pack's identity
   drift (noise-prediction error against each concept's own model, at the world's resolution);
 * regional sampling with 2 and 3 concepts in boxes on the 10-concept gradient-fused model: how often each box
-  shows its own concept, against the same prompt without regions;
+  shows its own concept (and how much of it is in that concept's colours), against the same prompt without regions;
+  then the same layouts asked of the base model in words, the control that separates what regions place from what
+  the adapters draw;
 * a picture grid (``--grid``, default ``docs/images/world_grid.png``).
 
 Evaluation prompts put each concept at a position on a background it was never trained with there. Training and
@@ -121,8 +123,11 @@ def fuse(model, clip, stack, method: str, drift: bool = True, lbfgs_iters: int =
     return fused, sum(values.values()) / len(values)
 
 
-def regional(model, clip, vae, stack, groups, seeds: int, keep: list) -> dict:
-    """Per group size: the share of boxes showing their own concept, with regions and with the same prompt alone."""
+def regional(model, clip, vae, stack, groups, seeds: int, keep: list, kind: str = "edlora") -> dict:
+    """Per group size: the share of boxes showing their own concept, and the mean share of each box's object in its
+    own concept's two colours (graded: it moves before a box's identity does), with regions and with the same prompt
+    alone. ``kind`` "words" asks the base model for each concept by its written description (``stack`` empty): how
+    well regions place what the world model can draw, whatever the adapters add."""
     from mixofshow.devkit import world, world_model
     from mixofshow.devkit.world_concepts import ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
@@ -131,16 +136,20 @@ def regional(model, clip, vae, stack, groups, seeds: int, keep: list) -> dict:
 
     size = world_model.IMAGE_SIZE
     out = {}
+
+    def subject(concept) -> str:
+        return concept.thing("centre").words() if kind == "words" else ed_subject(concept)
+
     for group in groups:
         positions = ["left", "right"] if len(group) == 2 else ["left", "right", "centre"]
         order = ["left", "centre", "right"]  # strips from left to right
         caption = (
-            ", ".join(f"a {ed_subject(c)} on the {p}" for c, p in zip(group, positions, strict=True)) + ", on a white background"
+            ", ".join(f"a {subject(c)} on the {p}" for c, p in zip(group, positions, strict=True)) + ", on a white background"
         )
         strips = {p: i for i, p in enumerate(o for o in order if o in positions)}
         width = 1.0 / len(group)
         regions = tuple(
-            Region(phrase(ed_subject(c), p, "white"), box=Box(0.0, strips[p] * width, 1.0, (strips[p] + 1) * width))
+            Region(phrase(subject(c), p, "white"), box=Box(0.0, strips[p] * width, 1.0, (strips[p] + 1) * width))
             for c, p in zip(group, positions, strict=True)
         )
         with world_model.cpu_autocast():
@@ -151,16 +160,17 @@ def regional(model, clip, vae, stack, groups, seeds: int, keep: list) -> dict:
                 with world_model.cpu_autocast():
                     image = world_model.sample(m, clip, vae, cond, seed=seed)
                 cut = [round(i * size / len(group)) for i in range(len(group) + 1)]
-                hits = [
-                    world.identify(image[:, cut[strips[p]] : cut[strips[p] + 1]]) == c.name
-                    for c, p in zip(group, positions, strict=True)
-                ]
-                entry = out.setdefault(len(group), {}).setdefault(mode, {"boxes": 0, "hits": 0, "all": 0, "images": 0})
+                boxes = [(c, image[:, cut[strips[p]] : cut[strips[p] + 1]]) for c, p in zip(group, positions, strict=True)]
+                hits = [world.identify(box) == c.name for c, box in boxes]
+                entry = out.setdefault(len(group), {}).setdefault(
+                    mode, {"boxes": 0, "hits": 0, "all": 0, "images": 0, "colours": 0.0}
+                )
                 entry["boxes"] += len(hits)
                 entry["hits"] += sum(hits)
+                entry["colours"] += sum(world.colour_share(box, c) for c, box in boxes)
                 entry["all"] += int(all(hits))
                 entry["images"] += 1
-                if seed == 0 and len(keep) < 4 * 2:
+                if seed == 0 and len(keep) < 4 * 2 and kind != "words":
                     keep.append((f"{len(group)} concepts, {mode}", image))
     return out
 
@@ -319,10 +329,15 @@ def main() -> int:
             m, c = all_fused.apply(model, clip)
             pairs = [tuple(concepts[i : i + 2]) for i in range(0, len(concepts) - 1, 2)]
             triples = [tuple(concepts[(i + k) % len(concepts)] for k in range(3)) for i in range(0, len(concepts), 3)]
-            results["regional"] = regional(
-                m, c, vae, stack, pairs + (triples if len(concepts) >= 3 else []), args.seeds + 1, regional_pictures
-            )
+            groups = pairs + (triples if len(concepts) >= 3 else [])
+            results["regional"] = regional(m, c, vae, stack, groups, args.seeds + 1, regional_pictures)
             print(f"regional: {results['regional']} ({time.time() - started:.0f} s)")
+            # the same layouts asked of the base model in words: what regions do where the model can draw the concept
+            results["regional, base in words"] = regional(
+                model, clip, vae, ConceptSet(), groups, args.seeds + 1, regional_pictures, kind="words"
+            )
+            save()
+            print(f"regional, base in words: {results['regional, base in words']} ({time.time() - started:.0f} s)")
 
     draw(pictures, regional_pictures)
     results["seconds"] = round(time.time() - started)
@@ -348,12 +363,14 @@ def print_tables(results: dict) -> None:
                     else f"{r['identity']:>7.0%} {r['colours']:>5.0%} {r['alignment']:>5.0%} {r.get('drift', 0.0):>7.3f}"
                 )
             print(f"{method:<22}" + "".join(cells))
-    for size, modes in results.get("regional", {}).items():
-        line = "  ".join(
-            f"{mode}: {m['hits'] / m['boxes']:.0%} of boxes, {m['all'] / m['images']:.0%} of images all right"
-            for mode, m in modes.items()
-        )
-        print(f"regional, {size} concepts in boxes: {line}")
+    for part in ("regional", "regional, base in words"):
+        for size, modes in results.get(part, {}).items():
+            line = "  ".join(
+                f"{mode}: {m['hits'] / m['boxes']:.0%} of boxes, {m['all'] / m['images']:.0%} of images all right, "
+                f"own colour share {m.get('colours', 0.0) / m['boxes']:.0%}"
+                for mode, m in modes.items()
+            )
+            print(f"{part}, {size} concepts in boxes: {line}")
 
 
 if __name__ == "__main__":
