@@ -102,7 +102,7 @@ def part_drift(counts=(2, 4)):
         "other UNet layer outputs; ratios = weight fusion's drift / this method's"
     )
     header = (
-        f"{'concepts':>8}  {'method':<40}{'eps':>9}{'K/V':>9}{'other':>9}{'eps ratio':>11}{'K/V ratio':>11}{'other ratio':>13}"
+        f"{'concepts':>8}  {'method':<52}{'eps':>9}{'K/V':>9}{'other':>9}{'eps ratio':>11}{'K/V ratio':>11}{'other ratio':>13}"
     )
     print(header)
     for count in counts:
@@ -111,18 +111,27 @@ def part_drift(counts=(2, 4)):
         started = time.perf_counter()
         weight = weight_fusion(model, clip, concepts)
         rows.append(("weight fusion (baseline)", weight, time.perf_counter() - started))
-        for solver, positions in (("lbfgs", "padded"), ("exact", "padded"), ("lbfgs", "original")):
+        # the exact solver at its default ridge and at the 1e-6 it had before the small world (side by side)
+        for solver, positions, ridge in (
+            ("lbfgs", "padded", None),
+            ("exact", "padded", None),
+            ("exact", "padded", 1e-6),
+            ("lbfgs", "original", None),
+        ):
             settings = FusionSettings(sample_steps=20, sample_resolution=256, solver=solver, token_positions=positions)
+            if ridge is not None:
+                settings.ridge = ridge
             started = time.perf_counter()
             fused = gradient_fusion(model, clip, concepts, settings)
-            rows.append((f"gradient fusion {solver}, {positions} positions", fused, time.perf_counter() - started))
+            label = f"gradient fusion {solver}, {positions} positions" + (f", ridge {ridge:g}" if ridge is not None else "")
+            rows.append((label, fused, time.perf_counter() - started))
         base = None
         for label, fused, seconds in rows:
             eps = sum(fused.drift.values()) / count
             kv, other = layer_output_drift(model, clip, fused, concepts)
             base = base or (eps, kv, other)
             print(
-                f"{count:>8}  {label:<40}{eps:>9.5f}{kv:>9.5f}{other:>9.5f}{base[0] / eps:>10.2f}x{base[1] / kv:>10.2f}x"
+                f"{count:>8}  {label:<52}{eps:>9.5f}{kv:>9.5f}{other:>9.5f}{base[0] / eps:>10.2f}x{base[1] / kv:>10.2f}x"
                 f"{base[2] / other:>12.2f}x   ({seconds:.1f} s)"
             )
 

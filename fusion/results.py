@@ -15,6 +15,7 @@ from ..edlora.arch import architecture_name
 from ..edlora.concepts import ConceptSet
 from ..edlora.errors import MixOfShowError
 from ..edlora.routing import install_layer_routing
+from .solvers import DEFAULT_RIDGE
 from .stats import FusionStats
 
 #: The stages of gradient fusion, in the original's order.
@@ -34,7 +35,7 @@ class FusionSettings:
     seed: int = 0
     solver: str = "lbfgs"
     device: str = "auto"
-    ridge: float = 1e-6
+    ridge: float = DEFAULT_RIDGE  # the exact solver's, relative to each layer's mean eigenvalue (see fusion.solvers)
     #: which token positions of the fusion prompts feed the text-encoder and K/V statistics: "padded" = all of
     #: them, as ComfyUI encodes prompts (padded to 77 tokens); "original" = start..first end token for the text
     #: encoder and concept words + first end token for K/V, as the research code did with unpadded prompts.

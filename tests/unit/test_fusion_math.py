@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mixofshow.fusion.solvers import solve_exact, solve_lbfgs, solve_lbfgs_raw
+from mixofshow.fusion.solvers import DEFAULT_RIDGE, solve_exact, solve_lbfgs, solve_lbfgs_raw
 from mixofshow.fusion.stats import FusionStats, GramGroup, LayerStats, objective
 
 
@@ -81,11 +81,43 @@ def test_unexcited_directions_stay_at_w0():
     basis = torch.linalg.svd(torch.cat(inputs)).Vh  # rows 7.. span the unexcited directions
     null = basis[7:].T
     for solution in (
-        solve_exact(w0, group.gram, layer.cross, layer.const, layer.rows),
+        solve_exact(w0, group.gram, layer.cross, layer.const, layer.rows, ridge=1e-6),
         solve_lbfgs(w0, group.gram, layer.cross, layer.const, layer.rows, iters=100),
     ):
         assert torch.allclose((solution.weight - w0) @ null, torch.zeros(w0.shape[0], null.shape[1], dtype=w0.dtype), atol=1e-8)
         assert solution.loss_after < 1e-10 * solution.loss_before or solution.loss_after < 1e-12
+
+
+def test_the_ridge_holds_back_barely_excited_directions_and_keeps_the_rest():
+    """Two concepts whose inputs share a strong direction and differ in one the samples barely excite (eigenvalue
+    1e-6 of the mean): the plain minimiser fits their conflict there with huge weights, which a new input along that
+    direction (a word no fusion prompt held) then amplifies; the default ridge gives each eigen-direction ``e / (e +
+    lambda)`` of its least-squares update, so that direction stays near the anchor and the rest is fitted."""
+    g = torch.Generator().manual_seed(3)
+    d, k = 6, 5
+    w0 = torch.randn(d, k, generator=g, dtype=torch.float64)
+    targets = [w0 + 0.5 * torch.randn(d, k, generator=g, dtype=torch.float64) for _ in range(2)]
+    common = torch.randn(40, k - 1, generator=g, dtype=torch.float64)
+    weak = 1e-3 * torch.randn(40, 1, generator=g, dtype=torch.float64)
+    inputs = [torch.cat([common, weak], 1), torch.cat([common, weak + 1e-3], 1)]  # they differ only in the weak column
+    group, layer = statistics(targets, inputs)
+    plain = solve_exact(w0, group.gram, layer.cross, layer.const, layer.rows, ridge=1e-12)
+    default = solve_exact(w0, group.gram, layer.cross, layer.const, layer.rows)
+    eigenvalues, vectors = torch.linalg.eigh(group.gram)
+    lam = DEFAULT_RIDGE * float(eigenvalues.mean())
+    residual = layer.cross - w0 @ group.gram
+    expected = (residual @ vectors) / (eigenvalues + lam) @ vectors.T
+    assert torch.allclose(default.weight - w0, expected, atol=1e-9), "each direction gets e / (e + lambda) of its update"
+    probe = torch.zeros(k, dtype=torch.float64)
+    probe[-1] = 1.0  # an input along the barely-excited direction only
+    plain_change = float(((plain.weight - w0) @ probe).norm())
+    default_change = float(((default.weight - w0) @ probe).norm())
+    concepts_change = max(float(((t - w0) @ probe).norm()) for t in targets)
+    assert plain_change > 100 * concepts_change, "the plain minimiser extrapolates far beyond any concept"
+    assert default_change < concepts_change, "the ridge keeps the output within the concepts' own changes"
+    optimum = plain.loss_after
+    assert optimum < default.loss_after < default.loss_before
+    assert default.loss_after - optimum < 0.05 * (default.loss_before - optimum), "the excited directions are still fitted"
 
 
 def test_statistics_are_additive():
