@@ -103,7 +103,8 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
 
 
 def describe_world_image(path: str) -> str:
-    """What the evaluator sees in each third of the image."""
+    """What the evaluator sees in each third of the image, and how much of the object there is in the colours of the
+    concept asked for (the graded score: it shows a concept's colours arriving before its shape does)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -112,10 +113,14 @@ def describe_world_image(path: str) -> str:
 
     image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
     cut = [round(i * image.shape[1] / 3) for i in range(4)]
-    seen = [world.identify(image[:, cut[i] : cut[i + 1]]) or "no concept" for i in range(3)]
+    boxes = [image[:, cut[i] : cut[i + 1]] for i in range(3)]
+    concepts = [next(c for c in world.CONCEPTS if c.name == name) for name in WORLD_CONCEPTS]
+    seen = [world.identify(box) or "no concept" for box in boxes]
+    shares = [world.colour_share(box, concept) for box, concept in zip(boxes, concepts, strict=True)]
     wanted = ", ".join(f"{w} {n}" for w, n in zip(("left", "centre", "right"), WORLD_CONCEPTS, strict=True))
     return f"asked for {wanted}; the evaluator sees " + ", ".join(
-        f"{w} {s}" for w, s in zip(("left", "centre", "right"), seen, strict=True)
+        f"{w} {s} ({share:.0%} of the object in {c.name}'s colours)"
+        for w, s, share, c in zip(("left", "centre", "right"), seen, shares, concepts, strict=True)
     )
 
 
