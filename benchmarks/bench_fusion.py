@@ -94,6 +94,7 @@ def part_drift(counts=(2, 4)):
     from mixofshow.devkit.models import tiny_sd1
     from mixofshow.fusion.procedure import gradient_fusion, weight_fusion
     from mixofshow.fusion.results import FusionSettings
+    from mixofshow.fusion.solvers import DEFAULT_RIDGE
 
     model, clip, _ = tiny_sd1(seed=0)
     print("\n== Identity drift (tiny SD1.x model, random ED-LoRAs; lower is better) ==")
@@ -113,17 +114,17 @@ def part_drift(counts=(2, 4)):
         rows.append(("weight fusion (baseline)", weight, time.perf_counter() - started))
         # the exact solver at its default ridge and at the 1e-6 it had before the small world (side by side)
         for solver, positions, ridge in (
-            ("lbfgs", "padded", None),
-            ("exact", "padded", None),
+            ("lbfgs", "padded", DEFAULT_RIDGE),
+            ("exact", "padded", DEFAULT_RIDGE),
             ("exact", "padded", 1e-6),
-            ("lbfgs", "original", None),
+            ("lbfgs", "original", DEFAULT_RIDGE),
         ):
-            settings = FusionSettings(sample_steps=20, sample_resolution=256, solver=solver, token_positions=positions)
-            if ridge is not None:
-                settings.ridge = ridge
+            settings = FusionSettings(
+                sample_steps=20, sample_resolution=256, solver=solver, token_positions=positions, ridge=ridge
+            )
             started = time.perf_counter()
             fused = gradient_fusion(model, clip, concepts, settings)
-            label = f"gradient fusion {solver}, {positions} positions" + (f", ridge {ridge:g}" if ridge is not None else "")
+            label = f"gradient fusion {solver}, {positions} positions" + (f", ridge {ridge:g}" if ridge != DEFAULT_RIDGE else "")
             rows.append((label, fused, time.perf_counter() - started))
         base = None
         for label, fused, seconds in rows:

@@ -58,10 +58,10 @@ def world_files() -> tuple[str, list[str]] | None:
 
     setup_comfy()
     load_pack()
-    from mixofshow.devkit import world, world_concepts, world_model
+    from mixofshow.devkit import world_concepts, world_model
 
     checkpoint = world_model.cached_world_checkpoint()
-    concepts = [c for name in WORLD_CONCEPTS for c in world.CONCEPTS if c.name == name]
+    concepts = demo_concepts()
     if checkpoint is None:
         return None
     files = world_concepts.trained_concept_files(world_model.checkpoint_identity(checkpoint), concepts)
@@ -102,6 +102,13 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
     return prompt
 
 
+def demo_concepts() -> list:
+    """The world's :data:`WORLD_CONCEPTS`, left to right."""
+    from mixofshow.devkit import world
+
+    return [next(c for c in world.CONCEPTS if c.name == name) for name in WORLD_CONCEPTS]
+
+
 def describe_world_image(path: str) -> str:
     """What the evaluator sees in each third of the image, and how much of the object there is in the colours of the
     concept asked for (the graded score: it shows a concept's colours arriving before its shape does)."""
@@ -114,7 +121,7 @@ def describe_world_image(path: str) -> str:
     image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
     cut = [round(i * image.shape[1] / 3) for i in range(4)]
     boxes = [image[:, cut[i] : cut[i + 1]] for i in range(3)]
-    concepts = [next(c for c in world.CONCEPTS if c.name == name) for name in WORLD_CONCEPTS]
+    concepts = demo_concepts()
     seen = [world.identify(box) or "no concept" for box in boxes]
     shares = [world.colour_share(box, concept) for box, concept in zip(boxes, concepts, strict=True)]
     wanted = ", ".join(f"{w} {n}" for w, n in zip(("left", "centre", "right"), WORLD_CONCEPTS, strict=True))
