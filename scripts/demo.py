@@ -72,6 +72,7 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
     """The shipped fuse_loras_regional graph on the world: its three LoRA concepts become world ED-LoRAs (same node
     ids and links), each region paints one of them in a third of a 128x128 image."""
     from devkit.server import load_workflow, set_inputs
+    from mixofshow.devkit import world_model
     from mixofshow.devkit.world_concepts import phrase
 
     prompt = load_workflow("fuse_loras_regional")
@@ -97,7 +98,8 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
         if node["class_type"] == "MoSRegionalConditioning":
             node["inputs"].update(prompt=caption, negative="")
     set_inputs(prompt, "EmptyLatentImage", width=size, height=size)
-    set_inputs(prompt, "KSampler", steps=20, cfg=5.0, sampler_name="euler", scheduler="normal", seed=0)
+    sampling = {"steps": world_model.SAMPLING_STEPS, "sampler_name": world_model.SAMPLER}  # as the benchmark samples
+    set_inputs(prompt, "KSampler", cfg=5.0, scheduler="normal", seed=0, **sampling)
     set_inputs(prompt, "SaveImage", filename_prefix="mixofshow/world_regional")
     return prompt
 
