@@ -52,7 +52,9 @@ SD1_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15
 #: ordinary captions (its noise lets a sample commit to one place where euler's steps carry the mean of the places
 #: down into a band) but named no more concepts (README, Benchmarks), so the benchmark keeps euler and its numbers
 SAMPLER = "euler"
+SCHEDULER = "normal"
 SAMPLING_STEPS = 20
+SAMPLING_CFG = 5.0
 
 
 def native_bfloat16(cpu_flags: str | None = None) -> bool:
@@ -500,20 +502,20 @@ def sample(
     prompt,
     seed: int = 0,
     steps: int = SAMPLING_STEPS,
-    cfg: float = 5.0,
+    cfg: float = SAMPLING_CFG,
     negative: str = "",
     size: int = IMAGE_SIZE,
     sampler: str = SAMPLER,
 ):
     """One image ``[size, size, 3]`` for ``prompt`` (a text, or ready CONDITIONING) the way KSampler makes it
-    (``sampler``, normal schedule; the noise an ancestral sampler adds is seeded by ``seed`` too), decoded by
+    (``sampler``, :data:`SCHEDULER` schedule; the noise an ancestral sampler adds is seeded by ``seed`` too), decoded by
     ``vae``."""
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt)) if isinstance(prompt, str) else prompt
     negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(
-        model, noise, steps, cfg, sampler, "normal", positive, negative_cond, latent, denoise=1.0, disable_pbar=True, seed=seed
+        model, noise, steps, cfg, sampler, SCHEDULER, positive, negative_cond, latent, denoise=1.0, disable_pbar=True, seed=seed
     )
     return vae.decode(samples)[0, ..., :3].float().clamp(0, 1)
 

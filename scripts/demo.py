@@ -98,8 +98,15 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
         if node["class_type"] == "MoSRegionalConditioning":
             node["inputs"].update(prompt=caption, negative="")
     set_inputs(prompt, "EmptyLatentImage", width=size, height=size)
-    sampling = {"steps": world_model.SAMPLING_STEPS, "sampler_name": world_model.SAMPLER}  # as the benchmark samples
-    set_inputs(prompt, "KSampler", cfg=5.0, scheduler="normal", seed=0, **sampling)
+    set_inputs(  # as the benchmark samples
+        prompt,
+        "KSampler",
+        steps=world_model.SAMPLING_STEPS,
+        cfg=world_model.SAMPLING_CFG,
+        sampler_name=world_model.SAMPLER,
+        scheduler=world_model.SCHEDULER,
+        seed=0,
+    )
     set_inputs(prompt, "SaveImage", filename_prefix="mixofshow/world_regional")
     return prompt
 
