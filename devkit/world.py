@@ -39,6 +39,12 @@ POSITIONS = {"left": 0.25, "centre": 0.5, "right": 0.75}
 SIZES = {1: 0.45, 2: 0.4, 3: 0.26}
 #: the least share of the image an object must cover to be read at all (less is specks, not an object)
 MIN_COVERAGE = 0.02
+#: the least rate at which neighbouring object pixels change colour for two colours to read as one patterned object:
+#: two solid blobs side by side change colour only along their seam (0.005-0.017 in world-model samples), while
+#: every patterned render of the world (128 px, any of its sizes, sharp or 5x5-blurred) changes at least 0.034. A
+#: pattern's rate falls as its object grows (a striped object about 65 px wide reaches the floor), so it holds for
+#: the world's sizes, not for any image
+MIN_ALTERNATION = 0.03
 #: the two-colour pairs the ordinary world uses for patterned objects (concepts use others)
 WORLD_PAIRS = (("red", "yellow"), ("blue", "white"), ("green", "black"), ("purple", "yellow"))
 
@@ -206,7 +212,7 @@ class Measured:
     background: str
     colours: dict[str, float]  # palette colour -> fraction of the object pixels
     fill: float  # object pixels / their bounding box
-    alternation: float  # how often neighbouring object pixels change colour name (0 for solid)
+    alternation: float  # how often neighbouring pixels of the object's two main colours change between them (0: solid)
     coverage: float  # object pixels / all pixels
     across: float = 0.0  # share of the colour changes met walking along rows (1: vertical stripes only)
     top: float = 0.5  # share of the object in the upper half of its box (a triangle, apex up, holds about 1/4)
@@ -214,8 +220,13 @@ class Measured:
 
     def pair(self) -> tuple[str, ...]:
         """The one or two colours that make up the object (each at least 15% of it)."""
-        main = [c for c, f in sorted(self.colours.items(), key=lambda kv: -kv[1]) if f >= 0.15]
-        return tuple(sorted(main[:2]))
+        return _main_colours(self.colours)
+
+
+def _main_colours(colours: dict[str, float]) -> tuple[str, ...]:
+    """The one or two largest colours of an object, each at least 15% of it, sorted by name."""
+    main = [c for c, f in sorted(colours.items(), key=lambda kv: -kv[1]) if f >= 0.15]
+    return tuple(sorted(main[:2]))
 
 
 def _nearest(pixels: torch.Tensor, palette: dict[str, tuple]) -> tuple[list[str], torch.Tensor]:
@@ -243,20 +254,23 @@ def measure(image: torch.Tensor) -> Measured:
         share = float(((index == i) & obj).sum()) / count
         if share > 0:
             colours[name] = share
-    # blur turns the seam between two colours into a third colour, often the background's: fill each row (and
-    # column) between its first and last object pixel (every shape here is convex) and skip such gaps when counting
-    # colour changes, so seams neither hollow the shape nor hide the pattern
+    # blur turns the seam between two colours into a third colour, often the background's, and an edge into a
+    # lighter or darker one: fill each row (and column) between its first and last object pixel (every shape here is
+    # convex), and count only changes between the two main colours (each at least 15% of the object), skipping other
+    # pixels, so seams neither hollow the shape nor hide the pattern and edges do not pass for one
+    main = [names.index(c) for c in _main_colours(colours)]
+    in_main = torch.isin(index, torch.tensor(main)) if len(main) == 2 else torch.zeros_like(obj)
     ys, xs = torch.nonzero(obj, as_tuple=True)
     box = (int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1)
     filled, upper = 0, 0
     middle = (int(ys.min()) + int(ys.max()) + 1) / 2
     changes = {}
-    for direction, lines, mask in (("rows", index, obj), ("columns", index.T, obj.T)):
+    for direction, lines, mask, counted in (("rows", index, obj, in_main), ("columns", index.T, obj.T, in_main.T)):
         changes[direction] = 0
-        for number, (line, inside) in enumerate(zip(lines, mask, strict=True)):
-            names_here = line[inside]
-            if names_here.numel() == 0:
+        for number, (line, inside, main_here) in enumerate(zip(lines, mask, counted, strict=True)):
+            if not inside.any():
                 continue
+            names_here = line[main_here]
             if direction == "rows":
                 where = torch.nonzero(inside).flatten()
                 width = int(where[-1] - where[0]) + 1
@@ -287,11 +301,12 @@ def shape_of(measured: Measured) -> str:
 
 
 def pattern_of(measured: Measured) -> str:
-    """``solid`` when one colour makes up the object; ``striped`` when its colour changes run one way (along rows:
-    the stripes are vertical); else ``dotted`` when the second colour is the minor one (dots cover about 28%),
-    ``checkered`` when the two are even."""
+    """``solid`` when one colour makes up the object, or two that hardly alternate (below :data:`MIN_ALTERNATION`:
+    solid parts side by side, not a pattern); ``striped`` when its colour changes run one way (along rows: the stripes
+    are vertical); else ``dotted`` when the second colour is the minor one (dots cover about 28%), ``checkered`` when
+    the two are even."""
     pair = measured.pair()
-    if len(pair) < 2:
+    if len(pair) < 2 or measured.alternation < MIN_ALTERNATION:
         return "solid"
     if measured.across > 0.75:
         return "striped"
@@ -305,9 +320,11 @@ def position_of(measured: Measured) -> str:
 
 
 def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = MIN_COVERAGE) -> str | None:
-    """The concept ``image`` shows, or None: the concept with the same colour pair, scored by pattern and shape."""
+    """The concept ``image`` shows, or None: the concept with the same colour pair, scored by pattern and shape. Every
+    concept is two colours interleaved, so an object whose colours do not alternate (two solid blobs in a concept's
+    two colours: :func:`pattern_of` reads ``solid``) is none of them."""
     measured = measure(image)
-    if measured.coverage < min_coverage:
+    if measured.coverage < min_coverage or pattern_of(measured) == "solid":
         return None
     shares = measured.colours
     # the concept whose two colours make up most of the object (each at least 15% of it)

@@ -12,6 +12,7 @@ from mixofshow.devkit.world import (
     BACKGROUNDS,
     COLOURS,
     CONCEPTS,
+    MIN_ALTERNATION,
     PATTERNS,
     POSITIONS,
     SHAPES,
@@ -43,6 +44,7 @@ def test_concepts_are_new_to_the_world_and_distinct():
     assert len(set(pairs)) == len(CONCEPTS), "each concept has its own colour pair"
     assert not set(pairs) & {tuple(sorted(p)) for p in WORLD_PAIRS}, "no ordinary object looks like a concept"
     assert len({c.name for c in CONCEPTS}) == len(CONCEPTS)
+    assert all(c.pattern != "solid" for c in CONCEPTS), "identify reads a concept only where its colours interleave"
 
 
 def test_generator_is_deterministic_and_captions_name_what_is_drawn():
@@ -72,6 +74,40 @@ def test_ordinary_scenes_show_no_concept_and_their_attributes_are_measured():
         assert measured.background == background
         assert shape_of(measured) == shape and pattern_of(measured) == "solid"
         assert measured.pair() == ("purple",)
+
+
+def test_two_solid_blobs_in_a_concepts_colours_are_not_the_concept():
+    """A model that has learnt a concept's colours but not its pattern draws one blob in each colour (world-model samples
+    did): both colours make up the object, but they change only along the seam, so the object is no concept, while
+    every patterned object at the world's resolution and sizes still reads as patterned, sharp or blurred."""
+    from mixofshow.devkit.world_model import IMAGE_SIZE
+
+    for concept, background in itertools.product(CONCEPTS, sorted(BACKGROUNDS)):
+        for size in (0.2, 0.3):  # blobs apart, and blobs that overlap (a seam, no gap)
+            blobs = Scene(
+                background,
+                (
+                    Thing(concept.shape, concept.colour, position="left", size=size),
+                    Thing(concept.shape, concept.second, size=size),
+                ),
+            )
+            for shown in (render(blobs, IMAGE_SIZE), blurred(render(blobs, IMAGE_SIZE))):
+                measured = measure(shown)
+                assert set(measured.pair()) == {concept.colour, concept.second}, (concept, measured)
+                assert measured.alternation < MIN_ALTERNATION and pattern_of(measured) == "solid", (concept, measured)
+                assert identify(shown) is None, (concept, measured)
+    patterns = [p for p in PATTERNS if p != "solid"]
+    for shape, pattern, size, background in itertools.product(SHAPES, patterns, sorted(set(SIZES.values())), sorted(BACKGROUNDS)):
+        for first, second in (*WORLD_PAIRS, ("orange", "teal")):
+            image = render(Scene(background, (Thing(shape, first, pattern, second, size=size),)), IMAGE_SIZE)
+            for shown in (image, blurred(image)):
+                measured = measure(shown)
+                if len(measured.pair()) == 2:  # (white on a white background reads as solid)
+                    assert measured.alternation >= MIN_ALTERNATION, (shape, pattern, size, background, first, measured)
+    for concept in CONCEPTS:
+        for size in sorted(set(SIZES.values())):
+            image = render(Scene("grey", (concept.thing(size=size),)), IMAGE_SIZE)
+            assert identify(image) == identify(blurred(image)) == concept.name, (concept, size)
 
 
 def test_colour_share_grades_identity_by_the_concepts_colours():
@@ -125,7 +161,7 @@ def test_the_world_vae_starts_as_an_exact_block_average_that_comfyui_loads_as_ta
     latent = vae.encode(image)
     assert latent.shape == (1, 4, 4, 4)
     assert torch.allclose(vae.decode(latent).float(), image, atol=2e-3)
-    sharp = render(Scene("white", (CONCEPTS[0].thing(size=0.6),)), 128)
+    sharp = render(Scene("white", (CONCEPTS[0].thing(),)), 128)
     assert identify(vae.decode(vae.encode(sharp[None]))[0].float()) == CONCEPTS[0].name
 
 
