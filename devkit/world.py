@@ -212,11 +212,12 @@ class Measured:
     background: str
     colours: dict[str, float]  # palette colour -> fraction of the object pixels
     fill: float  # object pixels / their bounding box
-    alternation: float  # how often neighbouring pixels of the object's two main colours change between them (0: solid)
+    alternation: float  # how often neighbouring pixels of the two pattern colours change between them (0: solid)
     coverage: float  # object pixels / all pixels
     across: float = 0.0  # share of the colour changes met walking along rows (1: vertical stripes only)
     top: float = 0.5  # share of the object in the upper half of its box (a triangle, apex up, holds about 1/4)
     centre_x: float = 0.5  # the object pixels' mean column, as a fraction of the width
+    pattern_colours: tuple[str, ...] = ()  # the two colours whose changes were counted (default: the object's pair)
 
     def pair(self) -> tuple[str, ...]:
         """The one or two colours that make up the object (each at least 15% of it)."""
@@ -235,9 +236,10 @@ def _nearest(pixels: torch.Tensor, palette: dict[str, tuple]) -> tuple[list[str]
     return names, torch.cdist(pixels.reshape(-1, 3).float(), table).argmin(dim=1).reshape(pixels.shape[:-1])
 
 
-def measure(image: torch.Tensor) -> Measured:
+def measure(image: torch.Tensor, pattern_colours: tuple[str, str] | None = None) -> Measured:
     """Measure the object(s) in ``image`` ``[h, w, 3]``: the background is the palette background nearest the
-    border's median colour; object pixels are those nearer another palette colour than the background."""
+    border's median colour; object pixels are those nearer another palette colour than the background. The pattern
+    (alternation, direction) is read between ``pattern_colours``, default the object's two main colours."""
     border = torch.cat([image[0], image[-1], image[:, 0], image[:, -1]])
     bg_names, bg_index = _nearest(border.median(dim=0).values[None], BACKGROUNDS)
     background = bg_names[int(bg_index.flatten()[0])]
@@ -258,7 +260,8 @@ def measure(image: torch.Tensor) -> Measured:
     # lighter or darker one: fill each row (and column) between its first and last object pixel (every shape here is
     # convex), and count only changes between the two main colours (each at least 15% of the object), skipping other
     # pixels, so seams neither hollow the shape nor hide the pattern and edges do not pass for one
-    main = [names.index(c) for c in _main_colours(colours)]
+    counted_colours = tuple(sorted(pattern_colours)) if pattern_colours else _main_colours(colours)
+    main = [names.index(c) for c in counted_colours if c in colours]
     in_main = torch.isin(index, torch.tensor(main)) if len(main) == 2 else torch.zeros_like(obj)
     ys, xs = torch.nonzero(obj, as_tuple=True)
     box = (int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1)
@@ -287,6 +290,7 @@ def measure(image: torch.Tensor) -> Measured:
         changes["rows"] / total_changes if total_changes else 0.0,
         upper / filled,
         (float(xs.float().mean()) + 0.5) / image.shape[1],
+        counted_colours,
     )
 
 
@@ -305,8 +309,8 @@ def pattern_of(measured: Measured) -> str:
     solid parts side by side, not a pattern); ``striped`` when its colour changes run one way (along rows: the stripes
     are vertical); else ``dotted`` when the second colour is the minor one (dots cover about 28%), ``checkered`` when
     the two are even."""
-    pair = measured.pair()
-    if len(pair) < 2 or measured.alternation < MIN_ALTERNATION:
+    pair = measured.pattern_colours or measured.pair()
+    if len(pair) < 2 or min(measured.colours.get(c, 0.0) for c in pair) < 0.15 or measured.alternation < MIN_ALTERNATION:
         return "solid"
     if measured.across > 0.75:
         return "striped"
@@ -321,10 +325,11 @@ def position_of(measured: Measured) -> str:
 
 def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = MIN_COVERAGE) -> str | None:
     """The concept ``image`` shows, or None: the concept with the same colour pair, scored by pattern and shape. Every
-    concept is two colours interleaved, so an object whose colours do not alternate (two solid blobs in a concept's
-    two colours: :func:`pattern_of` reads ``solid``) is none of them."""
+    concept is two colours interleaved, and its pattern is read between its own two colours (other colours skipped),
+    so neither two solid blobs in its colours nor one of its colours beside another pair's pattern (an orange blob
+    beside a green and teal checker is not zorb's orange and teal) is the concept: :func:`pattern_of` reads ``solid``."""
     measured = measure(image)
-    if measured.coverage < min_coverage or pattern_of(measured) == "solid":
+    if measured.coverage < min_coverage:
         return None
     shares = measured.colours
     # the concept whose two colours make up most of the object (each at least 15% of it)
@@ -332,14 +337,16 @@ def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = MIN_C
     if not candidates:
         return None
     best_share = max(shares[c.colour] + shares[c.second] for c in candidates)
-    candidates = [c for c in candidates if shares[c.colour] + shares[c.second] == best_share]
-    shape, pattern = shape_of(measured), pattern_of(measured)
-
-    def score(concept: Concept) -> int:
-        return int(concept.shape == shape) + int(concept.pattern == pattern)
-
-    best = max(candidates, key=score)
-    return best.name if score(best) >= 1 else None
+    shape = shape_of(measured)
+    best, best_score = None, 0
+    for concept in (c for c in candidates if shares[c.colour] + shares[c.second] == best_share):
+        pattern = pattern_of(measure(image, (concept.colour, concept.second)))
+        if pattern == "solid":
+            continue
+        score = int(concept.shape == shape) + int(concept.pattern == pattern)
+        if score > best_score:
+            best, best_score = concept, score
+    return best.name if best else None
 
 
 def colour_share(image: torch.Tensor, concept: Concept, min_coverage: float = MIN_COVERAGE) -> float:

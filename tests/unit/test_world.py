@@ -110,6 +110,30 @@ def test_two_solid_blobs_in_a_concepts_colours_are_not_the_concept():
             assert identify(image) == identify(blurred(image)) == concept.name, (concept, size)
 
 
+def test_a_concepts_pattern_is_read_between_its_own_two_colours():
+    """An orange blob beside a green and teal checkered circle holds zorb's orange and teal (each over 15% of the
+    object, as a world-model sample did), but its pattern is green and teal: between orange and teal the colours do
+    not alternate, so it is not zorb, while zorb itself, sharp or blurred, still is."""
+    zorb = CONCEPTS[0]
+    image = render(
+        Scene(
+            "white",
+            (Thing("circle", "orange", position="left", size=0.22), Thing("circle", "green", "checkered", "teal", "right")),
+        ),
+        128,
+    )
+    measured = measure(image)
+    assert min(measured.colours[c] for c in ("orange", "teal")) >= 0.15 and pattern_of(measured) == "checkered", measured
+    assert pattern_of(measure(image, ("orange", "teal"))) == "solid"
+    assert identify(image) is None and identify(blurred(image)) is None
+    for shown in (
+        render(Scene("white", (zorb.thing("right"),)), 128),
+        blurred(render(Scene("white", (zorb.thing("right"),)), 128)),
+    ):
+        assert pattern_of(measure(shown, ("orange", "teal"))) == "checkered"
+        assert identify(shown) == zorb.name
+
+
 def test_colour_share_grades_identity_by_the_concepts_colours():
     zorb, pell = CONCEPTS[0], CONCEPTS[4]  # orange/teal and green/orange: one colour in common
     image = render(Scene("grey", (zorb.thing("left"),)), 64)
