@@ -258,8 +258,8 @@ def measure(image: torch.Tensor, pattern_colours: tuple[str, str] | None = None)
             colours[name] = share
     # blur turns the seam between two colours into a third colour, often the background's, and an edge into a
     # lighter or darker one: fill each row (and column) between its first and last object pixel (every shape here is
-    # convex), and count only changes between the two main colours (each at least 15% of the object), skipping other
-    # pixels, so seams neither hollow the shape nor hide the pattern and edges do not pass for one
+    # convex), and count only changes between the two pattern colours, skipping other pixels, so seams neither hollow
+    # the shape nor hide the pattern and edges do not pass for one
     counted_colours = tuple(sorted(pattern_colours)) if pattern_colours else _main_colours(colours)
     main = [names.index(c) for c in counted_colours if c in colours]
     in_main = torch.isin(index, torch.tensor(main)) if len(main) == 2 else torch.zeros_like(obj)
@@ -340,7 +340,10 @@ def identify(image: torch.Tensor, concepts=CONCEPTS, min_coverage: float = MIN_C
     shape = shape_of(measured)
     best, best_score = None, 0
     for concept in (c for c in candidates if shares[c.colour] + shares[c.second] == best_share):
-        pattern = pattern_of(measure(image, (concept.colour, concept.second)))
+        own_colours = tuple(sorted((concept.colour, concept.second)))
+        # the object's own reading already counted these two colours when they are its main ones (the usual case)
+        read = measured if measured.pattern_colours == own_colours else measure(image, own_colours)
+        pattern = pattern_of(read)
         if pattern == "solid":
             continue
         score = int(concept.shape == shape) + int(concept.pattern == pattern)

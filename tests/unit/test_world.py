@@ -91,7 +91,8 @@ def test_two_solid_blobs_in_a_concepts_colours_are_not_the_concept():
                     Thing(concept.shape, concept.second, size=size),
                 ),
             )
-            for shown in (render(blobs, IMAGE_SIZE), blurred(render(blobs, IMAGE_SIZE))):
+            image = render(blobs, IMAGE_SIZE)
+            for shown in (image, blurred(image)):
                 measured = measure(shown)
                 assert set(measured.pair()) == {concept.colour, concept.second}, (concept, measured)
                 assert measured.alternation < MIN_ALTERNATION and pattern_of(measured) == "solid", (concept, measured)
@@ -126,10 +127,8 @@ def test_a_concepts_pattern_is_read_between_its_own_two_colours():
     assert min(measured.colours[c] for c in ("orange", "teal")) >= 0.15 and pattern_of(measured) == "checkered", measured
     assert pattern_of(measure(image, ("orange", "teal"))) == "solid"
     assert identify(image) is None and identify(blurred(image)) is None
-    for shown in (
-        render(Scene("white", (zorb.thing("right"),)), 128),
-        blurred(render(Scene("white", (zorb.thing("right"),)), 128)),
-    ):
+    target = render(Scene("white", (zorb.thing("right"),)), 128)
+    for shown in (target, blurred(target)):
         assert pattern_of(measure(shown, ("orange", "teal"))) == "checkered"
         assert identify(shown) == zorb.name
 
