@@ -82,6 +82,17 @@ def concept_images(concept, places=TRAIN_PLACES) -> tuple[torch.Tensor, torch.Te
     return images, world.object_mask(images).float()
 
 
+def concept_settings(concept, recipe: TrainSettings = WORLD_RECIPE) -> TrainSettings:
+    """``recipe`` for one world concept: its own words, its shape as the class word, and its place among all ten
+    concepts as the seed, so training a few of them makes the same files (and stamps) as training all ten."""
+    return replace(
+        recipe,
+        words=(f"<{concept.name}1>", f"<{concept.name}2>"),
+        class_word=concept.shape,
+        seed=world.CONCEPTS.index(concept),
+    )
+
+
 def _stamp_key(concept, settings: TrainSettings, base: str) -> str:
     return json.dumps({**asdict(settings), "concept": concept.__dict__, "base": base}, sort_keys=True)
 
@@ -112,9 +123,9 @@ def train_concepts(
     os.makedirs(folder, exist_ok=True)
     folder_paths.add_model_folder_path("edloras", folder, is_default=True)
     out = {}
-    for index, concept in enumerate(concepts):
+    for concept in concepts:
         images, masks = concept_images(concept)
-        settings = replace(recipe, words=(f"<{concept.name}1>", f"<{concept.name}2>"), class_word=concept.shape, seed=index)
+        settings = concept_settings(concept, recipe)
         key = _stamp_key(concept, settings, base)
         ed_path, lora_path = (os.path.join(folder, f"world_{concept.name}{s}.safetensors") for s in ("", "_lora"))
         stamp = _stamp_path(folder, concept)

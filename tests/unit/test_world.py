@@ -254,6 +254,18 @@ def test_concept_files_are_only_reused_with_the_world_model_they_were_trained_on
     assert trained_concept_files("abc", [zorb, CONCEPTS[1]], str(tmp_path)) is None  # quill was never trained
 
 
+def test_a_concept_trains_with_the_same_settings_alone_or_among_all_ten():
+    """Training a few concepts (a sweep, a repair) must make the files training all ten makes, or it overwrites the
+    cached ones with others under the same name: each concept's seed is its own, not its place in the call."""
+    from mixofshow.devkit.world_concepts import WORLD_RECIPE, concept_settings
+
+    settings = [concept_settings(concept) for concept in CONCEPTS]
+    assert sorted(s.seed for s in settings) == list(range(len(CONCEPTS)))
+    pell = next(c for c in CONCEPTS if c.name == "pell")
+    assert concept_settings(pell).seed != 0 and concept_settings(pell).words == ("<pell1>", "<pell2>")
+    assert concept_settings(pell).class_word == pell.shape and concept_settings(pell).steps == WORLD_RECIPE.steps
+
+
 def test_the_world_computes_in_bfloat16_only_where_the_cpu_does_it_in_hardware():
     """Emulated bfloat16 is 2-3x slower than float32: the world's autocast is bfloat16 only on CPUs that report it."""
     from mixofshow.devkit.world_model import cpu_autocast, native_bfloat16
