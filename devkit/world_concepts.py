@@ -50,8 +50,13 @@ def phrase(subject: str, position: str, background: str) -> str:
     return f"a {subject}{where}, on a {background} background"
 
 
+def concept_words(concept) -> tuple[str, str]:
+    """The two words an ED-LoRA of ``concept`` is trained and prompted with."""
+    return (f"<{concept.name}1>", f"<{concept.name}2>")
+
+
 def ed_subject(concept) -> str:
-    return f"<{concept.name}1> <{concept.name}2>"
+    return " ".join(concept_words(concept))
 
 
 #: how every concept is trained: the MoS Train ED-LoRA inputs (the ordinary LoRA uses the same numbers, adapters
@@ -87,7 +92,7 @@ def concept_settings(concept, recipe: TrainSettings = WORLD_RECIPE) -> TrainSett
     concepts as the seed, so training a few of them makes the same files (and stamps) as training all ten."""
     return replace(
         recipe,
-        words=(f"<{concept.name}1>", f"<{concept.name}2>"),
+        words=concept_words(concept),
         class_word=concept.shape,
         seed=world.CONCEPTS.index(concept),
     )

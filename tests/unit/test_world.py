@@ -262,8 +262,9 @@ def test_a_concept_trains_with_the_same_settings_alone_or_among_all_ten():
     settings = [concept_settings(concept) for concept in CONCEPTS]
     assert sorted(s.seed for s in settings) == list(range(len(CONCEPTS)))
     pell = next(c for c in CONCEPTS if c.name == "pell")
-    assert concept_settings(pell).seed != 0 and concept_settings(pell).words == ("<pell1>", "<pell2>")
-    assert concept_settings(pell).class_word == pell.shape and concept_settings(pell).steps == WORLD_RECIPE.steps
+    alone = concept_settings(pell)
+    assert alone.seed != 0 and alone.words == ("<pell1>", "<pell2>")
+    assert alone.class_word == pell.shape and alone.steps == WORLD_RECIPE.steps
 
 
 def test_the_world_computes_in_bfloat16_only_where_the_cpu_does_it_in_hardware():
