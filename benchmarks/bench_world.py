@@ -300,7 +300,12 @@ def main() -> int:
                         fused, _ = fuse(model, clip, stack, "WF", drift=False)
                         m, c = fused.apply(model, clip)
                     records += evaluate(m, c, vae, stack, [concept], kind, args.seeds, places, keep)
-                results["table"][label] = {"1": summary(records)}
+                # also each fused column's concepts alone, so a fused cell is read against the same concepts unfused
+                results["table"][label] = {"1": summary(records)} | {
+                    str(n): summary([r for r in records if r["concept"] in {c.name for c in concepts[:n]}])
+                    for n in COUNTS
+                    if n <= len(concepts)
+                }
                 save()
                 print(f"{label}: {summary(records)} ({time.time() - started:.0f} s)")
             for count in (n for n in COUNTS if n <= len(concepts)):
@@ -351,7 +356,10 @@ def print_tables(results: dict) -> None:
     table = results["table"]
     if table:
         counts = ["1"] + [str(n) for n in COUNTS]
-        print("\nidentity accuracy / concept colour share / text alignment / identity drift, by number of fused concepts")
+        print(
+            "\nidentity accuracy / concept colour share / text alignment / identity drift, by number of fused concepts"
+            " (the rows without fusion: the same concepts, each alone)"
+        )
         print(f"{'method':<22}" + "".join(f"{n + ' concept' + ('s' if n != '1' else ''):>28}" for n in counts))
         for method, row in table.items():
             cells = []

@@ -61,11 +61,13 @@ def ed_subject(concept) -> str:
 
 #: how every concept is trained: the MoS Train ED-LoRA inputs (the ordinary LoRA uses the same numbers, adapters
 #: only); each concept gets its own words, class word and seed. Learning rates are 10x the original's (5x on the
-#: text encoder), chosen by a one-concept sweep judged by the evaluator; 100 steps instead of 1000, chosen by a
-#: three-concept sweep (zorb, pell, kesh; 18 images each): 40 steps left the ED-LoRAs at 6% identity and 47% concept
-#: colour share and the LoRAs drawing nothing (2%), 100 steps gave 11% / 66% and 0% / 32%, at 2.5x the training time.
+#: text encoder), chosen by a one-concept sweep judged by the evaluator; 400 steps instead of 1000, chosen by
+#: sweeps on zorb, pell and kesh judged by the evaluator: at 100 steps the ED-LoRAs drew a blob in the concept's
+#: colours and were named 0 of 12 times at new places (the LoRAs drew nothing), at 400 they draw the pattern and were
+#: named 7 of 12 (zorb continued to 800 steps gained colour share, not names), at 4x the training time (~17 minutes
+#: a concept on two CPU cores).
 WORLD_RECIPE = TrainSettings(
-    steps=100,
+    steps=400,
     batch_size=1,
     rank=4,
     lr_embedding=1e-2,
