@@ -287,6 +287,8 @@ def main() -> int:
     # every concept gradient-fused with LBFGS, the regional part's model: at ten 400-step concepts the exact solution
     # loses the scene (the README's table), so regions would be measured on a model that cannot draw one
     all_fused = None
+    counts = [n for n in COUNTS if n <= len(concepts)]  # the fused columns this run has concepts for
+    names = [c.name for c in concepts]
     with torch.inference_mode():
         if not args.skip_table:
             # the base model asked for each concept by its written description: how well the world model itself
@@ -304,13 +306,11 @@ def main() -> int:
                     records += evaluate(m, c, vae, stack, [concept], kind, args.seeds, places, keep)
                 # also each fused column's concepts alone, so a fused cell is read against the same concepts unfused
                 results["table"][label] = {"1": summary(records)} | {
-                    str(n): summary([r for r in records if r["concept"] in {c.name for c in concepts[:n]}])
-                    for n in COUNTS
-                    if n <= len(concepts)
+                    str(n): summary([r for r in records if r["concept"] in names[:n]]) for n in counts
                 }
                 save()
                 print(f"{label}: {summary(records)} ({time.time() - started:.0f} s)")
-            for count in (n for n in COUNTS if n <= len(concepts)):
+            for count in counts:
                 subset = concepts[:count]
                 for method in METHODS:
                     kind = "lora" if method.startswith("LoRA") else "edlora"
@@ -321,7 +321,7 @@ def main() -> int:
                     if method == "ED-LoRA + GF lbfgs" and count == len(concepts):
                         all_fused = fused
                     m, c = fused.apply(model, clip)
-                    keep = pictures.setdefault(method, {}) if count == max(n for n in COUNTS if n <= len(concepts)) else None
+                    keep = pictures.setdefault(method, {}) if count == counts[-1] else None
                     row = {**summary(evaluate(m, c, vae, stack, subset, kind, args.seeds, places, keep)), "drift": drift}
                     row["fusion_seconds"] = round(fuse_seconds, 1)
                     results["table"].setdefault(method, {})[str(count)] = row

@@ -64,8 +64,8 @@ def ed_subject(concept) -> str:
 #: text encoder), chosen by a one-concept sweep judged by the evaluator; 400 steps instead of 1000, chosen by
 #: sweeps on zorb, pell and kesh judged by the evaluator: at 100 steps the ED-LoRAs drew a blob in the concept's
 #: colours and were named 0 of 12 times at new places (the LoRAs drew nothing), at 400 they draw the pattern and were
-#: named 7 of 12 (zorb continued to 800 steps gained colour share, not names), at 4x the training time (~17 minutes
-#: a concept on two CPU cores).
+#: named 7 of 12 (zorb continued to 800 steps gained colour share, not names), at 4x the training time (16-19 minutes
+#: an ED-LoRA and about 4 a LoRA on two CPU cores).
 WORLD_RECIPE = TrainSettings(
     steps=400,
     batch_size=1,
