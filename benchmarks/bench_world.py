@@ -10,9 +10,10 @@ concept named by a plain word) for the LoRA rows. Then, one run, side by side:
   the prompted concept), text alignment (the background and position the prompt asks for), and the pack's identity
   drift (noise-prediction error against each concept's own model, at the world's resolution);
 * regional sampling with 2 and 3 concepts in boxes on the 10-concept gradient-fused model (LBFGS): how often each box
-  shows its own concept (and how much of it is in that concept's colours), against the same prompt without regions;
-  then the same layouts asked of the base model in words, the control that separates what regions place from what
-  the adapters draw;
+  shows its own concept (and how much of it is in that concept's colours), against the same prompt without regions,
+  with each concept in a strip of one square image and in a square panel of its own (``regional``'s layouts), on
+  ``--regional-background``; then the same layouts asked of the base model in words, the control that separates
+  what regions place from what the adapters draw;
 * a picture grid (``--grid``, default ``docs/images/world_grid.png``).
 
 Evaluation prompts put each concept at a position on a background it was never trained with there. Training and
@@ -37,6 +38,12 @@ sys.path.append(REPO_ROOT)
 EVAL_PLACES = [("left", "grey"), ("right", "white"), ("centre", "sand")]  # each pair new to every concept
 COUNTS = (2, 5, 10)
 METHODS = ("LoRA + WF", "ED-LoRA + WF", "ED-LoRA + GF lbfgs", "ED-LoRA + GF exact")
+LAYOUTS = ("strips", "panels")  # see regional()
+
+
+def regional_part(layout: str, words: bool = False) -> str:
+    """The results key of one regional measurement ("regional" and "regional, base in words" are the strips')."""
+    return "regional" + (", base in words" if words else "") + ("" if layout == "strips" else f", {layout}")
 
 
 def entries(concepts, trained, kind: str):
@@ -123,11 +130,25 @@ def fuse(model, clip, stack, method: str, drift: bool = True, lbfgs_iters: int =
     return fused, sum(values.values()) / len(values)
 
 
-def regional(model, clip, vae, stack, groups, seeds: int, keep: list, kind: str = "edlora") -> dict:
+def regional(
+    model,
+    clip,
+    vae,
+    stack,
+    groups,
+    seeds: int,
+    keep: list,
+    kind: str = "edlora",
+    layout: str = "strips",
+    background: str = "white",
+) -> dict:
     """Per group size: the share of boxes showing their own concept, and the mean share of each box's object in its
     own concept's two colours (graded: it moves before a box's identity does), with regions and with the same prompt
     alone. ``kind`` "words" asks the base model for each concept by its written description (``stack`` empty): how
-    well regions place what the world model can draw, whatever the adapters add."""
+    well regions place what the world model can draw, whatever the adapters add. ``layout`` "strips" cuts one
+    square image into a vertical strip per concept, each region prompt placing its concept on its side; "panels"
+    gives each concept a square box of the model's own image size on a canvas as wide as all of them, each region
+    prompt the centred caption the concepts were trained with (the global prompt is the same in both)."""
     from mixofshow.devkit import world, world_model
     from mixofshow.devkit.world_concepts import ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
@@ -136,6 +157,8 @@ def regional(model, clip, vae, stack, groups, seeds: int, keep: list, kind: str 
 
     size = world_model.IMAGE_SIZE
     out = {}
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
 
     def subject(concept) -> str:
         return concept.thing("centre").words() if kind == "words" else ed_subject(concept)
@@ -144,22 +167,27 @@ def regional(model, clip, vae, stack, groups, seeds: int, keep: list, kind: str 
         positions = ["left", "right"] if len(group) == 2 else ["left", "right", "centre"]
         order = ["left", "centre", "right"]  # strips from left to right
         caption = (
-            ", ".join(f"a {subject(c)} on the {p}" for c, p in zip(group, positions, strict=True)) + ", on a white background"
+            ", ".join(f"a {subject(c)} on the {p}" for c, p in zip(group, positions, strict=True))
+            + f", on a {background} background"
         )
         strips = {p: i for i, p in enumerate(o for o in order if o in positions)}
         width = 1.0 / len(group)
         regions = tuple(
-            Region(phrase(subject(c), p, "white"), box=Box(0.0, strips[p] * width, 1.0, (strips[p] + 1) * width))
+            Region(
+                phrase(subject(c), p if layout == "strips" else "centre", background),
+                box=Box(0.0, strips[p] * width, 1.0, (strips[p] + 1) * width),
+            )
             for c, p in zip(group, positions, strict=True)
         )
+        canvas_width = size if layout == "strips" else size * len(group)
         with world_model.cpu_autocast():
             regional_model, positive, _ = regional_conditioning(model, clip, caption, "", regions, stack)
             plain_positive = encode_prompt(clip, stack, caption)
         for seed in range(seeds):
             for mode, m, cond in (("regions", regional_model, positive), ("prompt only", model, plain_positive)):
                 with world_model.cpu_autocast():
-                    image = world_model.sample(m, clip, vae, cond, seed=seed)
-                cut = [round(i * size / len(group)) for i in range(len(group) + 1)]
+                    image = world_model.sample(m, clip, vae, cond, seed=seed, width=canvas_width)
+                cut = [round(i * canvas_width / len(group)) for i in range(len(group) + 1)]
                 boxes = [(c, image[:, cut[strips[p]] : cut[strips[p] + 1]]) for c, p in zip(group, positions, strict=True)]
                 hits = [world.identify(box) == c.name for c, box in boxes]
                 entry = out.setdefault(len(group), {}).setdefault(
@@ -170,7 +198,7 @@ def regional(model, clip, vae, stack, groups, seeds: int, keep: list, kind: str 
                 entry["colours"] += sum(world.colour_share(box, c) for c, box in boxes)
                 entry["all"] += int(all(hits))
                 entry["images"] += 1
-                if seed == 0 and len(keep) < 4 * 2 and kind != "words":
+                if seed == 0 and len(keep) < 4 * 2 and kind != "words" and layout == "strips":
                     keep.append((f"{len(group)} concepts, {mode}", image))
     return out
 
@@ -231,6 +259,12 @@ def main() -> int:
     parser.add_argument("--train-only", action="store_true", help="train (or find) the concepts, measure nothing")
     parser.add_argument("--grid", default=os.path.join(REPO_ROOT, "docs", "images", "world_grid.png"))
     parser.add_argument("--skip-table", action="store_true", help="regional sampling only")
+    parser.add_argument(
+        "--regional-background",
+        default="grey",
+        choices=("white", "grey", "sand"),
+        help="the background regional sampling asks for (fused world concepts draw little on white)",
+    )
     args = parser.parse_args()
 
     from devkit.bootstrap import load_pack, setup_comfy
@@ -264,6 +298,7 @@ def main() -> int:
         "seeds": args.seeds,
         "places": args.places,
         "lbfgs_iters": args.lbfgs_iters,
+        "regional_background": args.regional_background,
         "world": world_model.checkpoint_identity(path),
         "table": {},
         "regional": {},
@@ -337,14 +372,18 @@ def main() -> int:
             pairs = [tuple(concepts[i : i + 2]) for i in range(0, len(concepts) - 1, 2)]
             triples = [tuple(concepts[(i + k) % len(concepts)] for k in range(3)) for i in range(0, len(concepts), 3)]
             groups = pairs + (triples if len(concepts) >= 3 else [])
-            results["regional"] = regional(m, c, vae, stack, groups, args.seeds + 1, regional_pictures)
-            print(f"regional: {results['regional']} ({time.time() - started:.0f} s)")
-            # the same layouts asked of the base model in words: what regions do where the model can draw the concept
-            results["regional, base in words"] = regional(
-                model, clip, vae, ConceptSet(), groups, args.seeds + 1, regional_pictures, kind="words"
-            )
-            save()
-            print(f"regional, base in words: {results['regional, base in words']} ({time.time() - started:.0f} s)")
+            # each layout on the fused concepts, then asked of the base model in words: what regions do where the
+            # model can draw the concept
+            for layout in LAYOUTS:
+                for part, mm, cc, ss, kind in (
+                    (regional_part(layout), m, c, stack, "edlora"),
+                    (regional_part(layout, words=True), model, clip, ConceptSet(), "words"),
+                ):
+                    results[part] = regional(
+                        mm, cc, vae, ss, groups, args.seeds + 1, regional_pictures, kind, layout, args.regional_background
+                    )
+                    save()
+                    print(f"{part}: {results[part]} ({time.time() - started:.0f} s)")
 
     draw(pictures, regional_pictures)
     results["seconds"] = round(time.time() - started)
@@ -373,7 +412,7 @@ def print_tables(results: dict) -> None:
                     else f"{r['identity']:>7.0%} {r['colours']:>5.0%} {r['alignment']:>5.0%} {r.get('drift', 0.0):>7.3f}"
                 )
             print(f"{method:<22}" + "".join(cells))
-    for part in ("regional", "regional, base in words"):
+    for part in [regional_part(layout, words) for layout in LAYOUTS for words in (False, True)]:
         for size, modes in results.get(part, {}).items():
             line = "  ".join(
                 f"{mode}: {m['hits'] / m['boxes']:.0%} of boxes, {m['all'] / m['images']:.0%} of images all right, "

@@ -506,13 +506,14 @@ def sample(
     negative: str = "",
     size: int = IMAGE_SIZE,
     sampler: str = SAMPLER,
+    width: int | None = None,
 ):
-    """One image ``[size, size, 3]`` for ``prompt`` (a text, or ready CONDITIONING) the way KSampler makes it
-    (``sampler``, :data:`SCHEDULER` schedule; the noise an ancestral sampler adds is seeded by ``seed`` too), decoded by
-    ``vae``."""
+    """One image ``[size, width, 3]`` (``width`` default ``size``) for ``prompt`` (a text, or ready CONDITIONING) the
+    way KSampler makes it (``sampler``, :data:`SCHEDULER` schedule; the noise an ancestral sampler adds is seeded by
+    ``seed`` too), decoded by ``vae``."""
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt)) if isinstance(prompt, str) else prompt
     negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
-    latent = torch.zeros(1, 4, size // 8, size // 8)
+    latent = torch.zeros(1, 4, size // 8, (width or size) // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(
         model, noise, steps, cfg, sampler, SCHEDULER, positive, negative_cond, latent, denoise=1.0, disable_pbar=True, seed=seed

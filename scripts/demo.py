@@ -4,10 +4,10 @@ Run through ``make demo``. Three cases, first match wins:
 
 * ``CKPT`` and ``EDLORA`` point at an SD1.x checkpoint and an ED-LoRA: the single-concept workflow renders them (set
   ``PROMPT`` to use the ED-LoRA's own concept words);
-* the small world is cached (``make world``: the miniature SD1.x world model and its ten trained concepts, 1.5-2
+* the small world is cached (``make world``: the miniature SD1.x world model and its ten trained concepts, 3 to 4.5
   hours on two CPU cores, so a fresh machine does not train it within the demo): the shipped fuse_loras_regional
   workflow, its three LoRA concepts swapped for three world ED-LoRAs, gradient-fuses them and paints each in its own
-  box; the demo then says which concept the evaluator sees in each box;
+  128x128 box of a 384x128 image; the demo then says which concept the evaluator sees in each box;
 * otherwise an embedded default, built deterministically (a small SD1.x-architecture checkpoint with random weights
   and a two-word ED-LoRA in the original .pth format; no weights can be downloaded here) through the single-concept
   workflow: the picture is noise-like, the point is that every node runs for real.
@@ -50,6 +50,8 @@ def build_default_files(base_dir: str) -> None:
 
 
 WORLD_CONCEPTS = ("zorb", "quill", "brim")  # left, centre, right
+#: the fused world concepts draw their objects on grey and sand, but on white mostly nothing (README, the small world)
+WORLD_BACKGROUND = "grey"
 
 
 def world_files() -> tuple[str, list[str]] | None:
@@ -70,7 +72,9 @@ def world_files() -> tuple[str, list[str]] | None:
 
 def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
     """The shipped fuse_loras_regional graph on the world: its three LoRA concepts become world ED-LoRAs (same node
-    ids and links), each region paints one of them in a third of a 128x128 image."""
+    ids and links), each region paints one of them in its own 128x128 panel of a 384x128 image: a box the size of
+    the images the model and the concepts were trained at (in thirds of one 128x128 image boxes were seldom named;
+    README, the small world)."""
     from devkit.server import load_workflow, set_inputs
     from mixofshow.devkit import world_model
     from mixofshow.devkit.world_concepts import phrase
@@ -84,20 +88,23 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
         prompts = "\n".join(phrase(subject, p, bg) for p, bg in (("left", "white"), ("centre", "grey")))
         inputs = {"edlora_name": name, "unet_strength": 1.0, "text_encoder_strength": 1.0, "prompts": prompts, **chain}
         prompt[node_id] = {"class_type": "MoSEDLoRAStack", "inputs": inputs}
-    size = 128
-    thirds = [round(i * size / 3) for i in range(4)]
+    size = world_model.IMAGE_SIZE
+    width = size * len(subjects)
     boxes = "|".join(
-        f"[{phrase(subject, where, 'white')}]-*-[]-*-[0, {thirds[i]}, {size}, {thirds[i + 1]}]"
-        for i, (subject, where) in enumerate(zip(subjects, ("left", "centre", "right"), strict=True))
+        f"[{phrase(subject, 'centre', WORLD_BACKGROUND)}]-*-[]-*-[0, {i * size}, {size}, {(i + 1) * size}]"
+        for i, subject in enumerate(subjects)
     )
-    caption = f"a {subjects[0]} on the left, a {subjects[2]} on the right, a {subjects[1]} on the centre, on a white background"
+    caption = (
+        f"a {subjects[0]} on the left, a {subjects[2]} on the right, a {subjects[1]} on the centre, "
+        f"on a {WORLD_BACKGROUND} background"
+    )
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=link_user_file(checkpoint, "checkpoints", base_dir))
     set_inputs(prompt, "MoSGradientFusion", sample_resolution=size, solver="exact", measure_drift=False)
-    set_inputs(prompt, "MoSRegionsFromText", width=size, height=size, text=boxes)
+    set_inputs(prompt, "MoSRegionsFromText", width=width, height=size, text=boxes)
     for node in prompt.values():  # set_inputs names its own first argument 'prompt'
         if node["class_type"] == "MoSRegionalConditioning":
             node["inputs"].update(prompt=caption, negative="")
-    set_inputs(prompt, "EmptyLatentImage", width=size, height=size)
+    set_inputs(prompt, "EmptyLatentImage", width=width, height=size)
     set_inputs(  # as the benchmark samples
         prompt,
         "KSampler",
