@@ -140,7 +140,7 @@ def regional(
     keep: list,
     kind: str = "edlora",
     layout: str = "strips",
-    background: str = "white",
+    background: str | None = None,
 ) -> dict:
     """Per group size: the share of boxes showing their own concept, and the mean share of each box's object in its
     own concept's two colours (graded: it moves before a box's identity does), with regions and with the same prompt
@@ -148,9 +148,10 @@ def regional(
     well regions place what the world model can draw, whatever the adapters add. ``layout`` "strips" cuts one
     square image into a vertical strip per concept, each region prompt placing its concept on its side; "panels"
     gives each concept a square box of the model's own image size on a canvas as wide as all of them, each region
-    prompt the centred caption the concepts were trained with (the global prompt is the same in both)."""
+    prompt the centred caption the concepts were trained with (the global prompt is the same in both). ``background``
+    defaults to ``world_concepts.REGIONAL_BACKGROUND``."""
     from mixofshow.devkit import world, world_model
-    from mixofshow.devkit.world_concepts import ed_subject, phrase
+    from mixofshow.devkit.world_concepts import REGIONAL_BACKGROUND, ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
     from mixofshow.regional.conditioning import regional_conditioning
     from mixofshow.regional.spec import Box, Region
@@ -159,6 +160,7 @@ def regional(
     out = {}
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
+    background = background or REGIONAL_BACKGROUND
 
     def subject(concept) -> str:
         return concept.thing("centre").words() if kind == "words" else ed_subject(concept)
@@ -261,9 +263,10 @@ def main() -> int:
     parser.add_argument("--skip-table", action="store_true", help="regional sampling only")
     parser.add_argument(
         "--regional-background",
-        default="grey",
+        default=None,
         choices=("white", "grey", "sand"),
-        help="the background regional sampling asks for (fused world concepts draw little on white)",
+        help="the background regional sampling asks for (default: world_concepts.REGIONAL_BACKGROUND, grey; fused "
+        "world concepts draw little on white)",
     )
     args = parser.parse_args()
 
@@ -274,7 +277,7 @@ def main() -> int:
     import torch
 
     from mixofshow.devkit import world, world_model
-    from mixofshow.devkit.world_concepts import WORLD_RECIPE, train_concepts
+    from mixofshow.devkit.world_concepts import REGIONAL_BACKGROUND, WORLD_RECIPE, train_concepts
     from mixofshow.edlora.concepts import ConceptSet
 
     path = world_model.cached_world_checkpoint()
@@ -298,7 +301,7 @@ def main() -> int:
         "seeds": args.seeds,
         "places": args.places,
         "lbfgs_iters": args.lbfgs_iters,
-        "regional_background": args.regional_background,
+        "regional_background": args.regional_background or REGIONAL_BACKGROUND,
         "world": world_model.checkpoint_identity(path),
         "table": {},
         "regional": {},

@@ -40,6 +40,11 @@ def _read(path: str) -> str | None:
         return f.read()
 
 
+#: the background regional sampling asks for (benchmark and demo): the fused concepts draw on grey and sand, but on
+#: white mostly nothing (README, the small world, "Box size and background")
+REGIONAL_BACKGROUND = "grey"
+
+
 def concepts_dir() -> str:
     return os.path.join(world_model.cache_dir(), "concepts")
 

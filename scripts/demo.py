@@ -50,8 +50,6 @@ def build_default_files(base_dir: str) -> None:
 
 
 WORLD_CONCEPTS = ("zorb", "quill", "brim")  # left, centre, right
-#: the fused world concepts draw their objects on grey and sand, but on white mostly nothing (README, the small world)
-WORLD_BACKGROUND = "grey"
 
 
 def world_files() -> tuple[str, list[str]] | None:
@@ -77,7 +75,7 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
     README, the small world)."""
     from devkit.server import load_workflow, set_inputs
     from mixofshow.devkit import world_model
-    from mixofshow.devkit.world_concepts import phrase
+    from mixofshow.devkit.world_concepts import REGIONAL_BACKGROUND, phrase
 
     prompt = load_workflow("fuse_loras_regional")
     concept_nodes = [k for k, v in prompt.items() if v["class_type"] == "MoSLoRAConcept"]
@@ -91,12 +89,12 @@ def world_prompt(base_dir: str, checkpoint: str, edloras: list[str]) -> dict:
     size = world_model.IMAGE_SIZE
     width = size * len(subjects)
     boxes = "|".join(
-        f"[{phrase(subject, 'centre', WORLD_BACKGROUND)}]-*-[]-*-[0, {i * size}, {size}, {(i + 1) * size}]"
+        f"[{phrase(subject, 'centre', REGIONAL_BACKGROUND)}]-*-[]-*-[0, {i * size}, {size}, {(i + 1) * size}]"
         for i, subject in enumerate(subjects)
     )
     caption = (
         f"a {subjects[0]} on the left, a {subjects[2]} on the right, a {subjects[1]} on the centre, "
-        f"on a {WORLD_BACKGROUND} background"
+        f"on a {REGIONAL_BACKGROUND} background"
     )
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=link_user_file(checkpoint, "checkpoints", base_dir))
     set_inputs(prompt, "MoSGradientFusion", sample_resolution=size, solver="exact", measure_drift=False)
