@@ -142,9 +142,9 @@ def regional(
     layout: str = "strips",
     background: str | None = None,
 ) -> dict:
-    """Per group size: the share of boxes showing their own concept, and the mean share of each box's object in its
-    own concept's two colours (graded: it moves before a box's identity does), with regions and with the same prompt
-    alone. ``kind`` "words" asks the base model for each concept by its written description (``stack`` empty): how
+    """Per group size and mode (with regions, and the same prompt alone): boxes showing their own concept (in all and
+    per concept, ``"by concept": name -> (named, boxes)``), images with every box right, and the summed share of each
+    box's object in its own concept's two colours (graded: it moves before a box's identity does). ``kind`` "words" asks the base model for each concept by its written description (``stack`` empty): how
     well regions place what the world model can draw, whatever the adapters add. ``layout`` "strips" cuts one
     square image into a vertical strip per concept, each region prompt placing its concept on its side; "panels"
     gives each concept a square box of the model's own image size on a canvas as wide as all of them, each region
@@ -193,10 +193,13 @@ def regional(
                 boxes = [(c, image[:, cut[strips[p]] : cut[strips[p] + 1]]) for c, p in zip(group, positions, strict=True)]
                 hits = [world.identify(box) == c.name for c, box in boxes]
                 entry = out.setdefault(len(group), {}).setdefault(
-                    mode, {"boxes": 0, "hits": 0, "all": 0, "images": 0, "colours": 0.0}
+                    mode, {"boxes": 0, "hits": 0, "all": 0, "images": 0, "colours": 0.0, "by concept": {}}
                 )
                 entry["boxes"] += len(hits)
                 entry["hits"] += sum(hits)
+                for c, hit in zip(group, hits, strict=True):  # which concepts regions can place, and which they cannot
+                    named, boxes_of = entry["by concept"].get(c.name, (0, 0))
+                    entry["by concept"][c.name] = (named + int(hit), boxes_of + 1)
                 entry["colours"] += sum(world.colour_share(box, c) for c, box in boxes)
                 entry["all"] += int(all(hits))
                 entry["images"] += 1
@@ -260,7 +263,12 @@ def main() -> int:
     )
     parser.add_argument("--train-only", action="store_true", help="train (or find) the concepts, measure nothing")
     parser.add_argument("--grid", default=os.path.join(REPO_ROOT, "docs", "images", "world_grid.png"))
-    parser.add_argument("--skip-table", action="store_true", help="regional sampling only")
+    parser.add_argument("--skip-table", action="store_true", help="regional sampling only (needs, and trains, only the ED-LoRAs)")
+    parser.add_argument(
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help=f"the regional layouts to measure, comma-separated (default: {','.join(LAYOUTS)}; see regional())",
+    )
     parser.add_argument(
         "--regional-background",
         default=None,
@@ -269,6 +277,9 @@ def main() -> int:
         "world concepts draw little on white)",
     )
     args = parser.parse_args()
+    layouts = [layout for layout in args.layouts.split(",") if layout]
+    if not layouts or any(layout not in LAYOUTS for layout in layouts):
+        parser.error(f"--layouts: {args.layouts!r} is not a comma-separated choice of {', '.join(LAYOUTS)}")
 
     from devkit.bootstrap import load_pack, setup_comfy
 
@@ -291,7 +302,7 @@ def main() -> int:
     concepts = list(world.CONCEPTS[: args.concepts])
     recipe = WORLD_RECIPE if args.steps is None else replace(WORLD_RECIPE, steps=args.steps)
     print(f"world model: {path}\ntraining {len(concepts)} concepts ({recipe})")
-    trained = train_concepts(model, clip, vae, world_model.checkpoint_identity(path), concepts, recipe)
+    trained = train_concepts(model, clip, vae, world_model.checkpoint_identity(path), concepts, recipe, loras=not args.skip_table)
     if args.train_only:
         return 0
     print(f"concepts ready ({time.time() - started:.0f} s)")
@@ -377,7 +388,7 @@ def main() -> int:
             groups = pairs + (triples if len(concepts) >= 3 else [])
             # each layout on the fused concepts, then asked of the base model in words: what regions do where the
             # model can draw the concept
-            for layout in LAYOUTS:
+            for layout in layouts:
                 for part, mm, cc, ss, kind in (
                     (regional_part(layout), m, c, stack, "edlora"),
                     (regional_part(layout, words=True), model, clip, ConceptSet(), "words"),

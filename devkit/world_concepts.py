@@ -122,11 +122,13 @@ def train_concepts(
     recipe: TrainSettings = WORLD_RECIPE,
     report=print,
     folder: str | None = None,
+    loras: bool = True,
 ) -> dict:
-    """``name -> (EDLoRA, kohya LoRA path)`` for ``concepts`` on the world model whose identity is ``base``
+    """``name -> (EDLoRA, kohya LoRA path or None)`` for ``concepts`` on the world model whose identity is ``base``
     (:func:`world_model.checkpoint_identity`), trained now or reused from ``folder`` (default :func:`concepts_dir`)
     when the same recipe made them on the same model. The ED-LoRA comes from the MoS Train ED-LoRA node itself; the
-    LoRA from the same training function without concept words."""
+    LoRA (trained only when ``loras``; the path is None otherwise) from the same training function without concept
+    words. Each file is kept as soon as it is trained, so a stopped run, or one without LoRAs, keeps its ED-LoRAs."""
     import folder_paths
 
     from ..nodes.train import TrainEDLoRA
@@ -141,8 +143,9 @@ def train_concepts(
         key = _stamp_key(concept, settings, base)
         ed_path, lora_path = (os.path.join(folder, f"world_{concept.name}{s}.safetensors") for s in ("", "_lora"))
         stamp = _stamp_path(folder, concept)
-        fresh = not (_read(stamp) == key and os.path.isfile(ed_path) and os.path.isfile(lora_path))
-        if fresh:
+        if not (_read(stamp) == key and os.path.isfile(ed_path)):
+            if os.path.isfile(lora_path):
+                os.remove(lora_path)  # the stamp is about to say this recipe and model, which did not make it
             started = time.time()
             captions = "\n".join(phrase("<TOK>", p, bg) for p, bg in TRAIN_PLACES)
             with torch.inference_mode(), world_model.cpu_autocast():
@@ -162,15 +165,18 @@ def train_concepts(
                     preview_every=0,
                     **{f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "words"},
                 )
-                ed_seconds = time.time() - started
+            with open(stamp, "w") as f:
+                f.write(key)
+            report(f"  {concept.name}: ED-LoRA {time.time() - started:.0f} s")
+        if loras and not os.path.isfile(lora_path):
+            started = time.time()
+            with torch.inference_mode(), world_model.cpu_autocast():
                 latents = encode_training_latents(vae, model, images)
                 data = TrainingData(latents, [phrase(concept.name, p, bg) for p, bg in TRAIN_PLACES], masks[:, None])
                 plain = train_edlora(model, clip, data, replace(settings, words=()), name=os.path.basename(lora_path))
             comfy.utils.save_torch_file(to_kohya_state_dict(plain.edlora), lora_path)
-            with open(stamp, "w") as f:
-                f.write(key)
-            report(f"  {concept.name}: ED-LoRA {ed_seconds:.0f} s, LoRA {time.time() - started - ed_seconds:.0f} s")
-        out[concept.name] = (load_edlora(ed_path, name=os.path.basename(ed_path)), lora_path)
+            report(f"  {concept.name}: LoRA {time.time() - started:.0f} s")
+        out[concept.name] = (load_edlora(ed_path, name=os.path.basename(ed_path)), lora_path if loras else None)
     return out
 
 

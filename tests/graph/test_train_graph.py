@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -545,3 +546,37 @@ def test_no_concept_words_trains_an_ordinary_lora(comfy_tiny, disc_data, fixed_n
     entry = ConceptEntry(result.edlora, lora=load_lora_file(path), prompts=("a photo of a zorb disc",))
     unet, text, unused = concept_patches(entry, model, clip)
     assert unused == [] and len(unet) == len(result.edlora.unet) and len(text) == len(result.edlora.text_encoder)
+
+
+def test_world_concepts_train_without_loras_and_add_them_later(comfy_tiny, tmp_path, monkeypatch):
+    """The small world's concept cache: ED-LoRAs alone (the regional benchmark needs no LoRA) are kept and reused, a
+    later call adds only the missing LoRA, and a new base model retrains and drops the LoRA the old one made."""
+    import folder_paths
+
+    from mixofshow.devkit.world import CONCEPTS
+    from mixofshow.devkit.world_concepts import WORLD_RECIPE, train_concepts
+
+    paths, extensions = folder_paths.folder_names_and_paths["edloras"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "edloras", (list(paths), set(extensions)))
+    model, clip, vae = comfy_tiny
+    recipe = replace(WORLD_RECIPE, steps=1)
+    zorb = CONCEPTS[0]
+    ed, lora, stamp = (tmp_path / f"world_zorb{s}" for s in (".safetensors", "_lora.safetensors", ".json"))
+    reports = []
+
+    def train(base: str, loras: bool) -> dict:
+        return train_concepts(model, clip, vae, base, [zorb], recipe, reports.append, str(tmp_path), loras=loras)
+
+    with torch.inference_mode():
+        trained = train("base-a", loras=False)
+        assert trained["zorb"][1] is None and ed.is_file() and not lora.is_file()
+        assert json.loads(stamp.read_text())["base"] == "base-a"
+        first = ed.read_bytes()
+        trained = train("base-a", loras=True)  # the ED-LoRA is reused, only the LoRA trains
+        assert trained["zorb"][1] == str(lora) and lora.is_file() and ed.read_bytes() == first
+        assert [r.split(":")[1].split()[0] for r in reports] == ["ED-LoRA", "LoRA"]
+        assert trained["zorb"][0].words == ["<zorb1>", "<zorb2>"]
+        train("base-a", loras=True)
+        assert len(reports) == 2  # nothing retrained
+        train("base-b", loras=False)  # another world model: retrained, and the old model's LoRA is gone
+        assert json.loads(stamp.read_text())["base"] == "base-b" and not lora.is_file() and len(reports) == 3
