@@ -144,12 +144,13 @@ def regional(
 ) -> dict:
     """Per group size and mode (with regions, and the same prompt alone): boxes showing their own concept (in all and
     per concept, ``"by concept": name -> (named, boxes)``), images with every box right, and the summed share of each
-    box's object in its own concept's two colours (graded: it moves before a box's identity does). ``kind`` "words" asks the base model for each concept by its written description (``stack`` empty): how
-    well regions place what the world model can draw, whatever the adapters add. ``layout`` "strips" cuts one
-    square image into a vertical strip per concept, each region prompt placing its concept on its side; "panels"
-    gives each concept a square box of the model's own image size on a canvas as wide as all of them, each region
-    prompt the centred caption the concepts were trained with (the global prompt is the same in both). ``background``
-    defaults to ``world_concepts.REGIONAL_BACKGROUND``."""
+    box's object in its own concept's two colours (graded: it moves before a box's identity does). ``kind`` "words"
+    asks the base model for each concept by its written description (``stack`` empty): how well regions place what
+    the world model can draw, whatever the adapters add. ``layout`` "strips" cuts one square image into a vertical
+    strip per concept, each region prompt placing its concept on its side; "panels" gives each concept a square box
+    of the model's own image size on a canvas as wide as all of them, each region prompt the centred caption the
+    concepts were trained with (the global prompt is the same in both). ``background`` defaults to
+    ``world_concepts.REGIONAL_BACKGROUND``."""
     from mixofshow.devkit import world, world_model
     from mixofshow.devkit.world_concepts import REGIONAL_BACKGROUND, ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
