@@ -39,6 +39,8 @@ POSITIONS = {"left": 0.25, "centre": 0.5, "right": 0.75}
 SIZES = {1: 0.45, 2: 0.4, 3: 0.26}
 #: the least share of the image an object must cover to be read at all (less is specks, not an object)
 MIN_COVERAGE = 0.02
+#: width of a :func:`sketch` line, as a share of the image side (2-3 pixels at 128)
+SKETCH_LINE = 0.02
 #: the least rate at which neighbouring object pixels change colour for two colours to read as one patterned object:
 #: two solid blobs side by side change colour only along their seam (0.005-0.017 in world-model samples), while
 #: every patterned render of the world (128 px, any of its sizes, sharp or 5x5-blurred) changes at least 0.034. A
@@ -176,20 +178,43 @@ def _pattern_mask(pattern: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def render(scene: Scene, size: int = 64) -> torch.Tensor:
-    """``[size, size, 3]`` float image of ``scene``."""
-    image = _rgb(scene.background).expand(size, size, 3).clone()
+def _placed(scene: Scene, size: int):
+    """Each thing of ``scene`` with its box coordinates ``u``, ``v`` and inside-mask on a ``size`` x ``size`` grid:
+    the one rasteriser behind :func:`render` and :func:`sketch`."""
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     for thing in scene.things:
         half = thing.size * size / 2
         cx, cy = POSITIONS[thing.position] * size, 0.5 * size
         u, v = (xs - cx) / half, (ys - cy) / half
-        inside = _shape_mask(thing.shape, u, v)
+        yield thing, u, v, _shape_mask(thing.shape, u, v)
+
+
+def render(scene: Scene, size: int = 64) -> torch.Tensor:
+    """``[size, size, 3]`` float image of ``scene``."""
+    image = _rgb(scene.background).expand(size, size, 3).clone()
+    for thing, u, v, inside in _placed(scene, size):
         second = _pattern_mask(thing.pattern, u, v) & inside
         image[inside] = _rgb(thing.colour)
         if thing.pattern != "solid":
             image[second] = _rgb(thing.second)
     return image
+
+
+def sketch(scene: Scene, size: int = 64, line: float | None = SKETCH_LINE) -> torch.Tensor:
+    """``[size, size, 3]`` drawing of where ``scene``'s objects are, as a person would sketch a layout: dark on white,
+    each object outlined by a line the ``line`` share of the side wide (at least one pixel) just inside its edge, or
+    filled in when ``line`` is None; no colour, pattern or background (those are the prompt's). The pack's sketch
+    layout method turns it into the light-on-black hint a sketch ControlNet reads."""
+    drawn = torch.zeros(size, size, dtype=torch.bool)
+    for _, _, _, inside in _placed(scene, size):
+        if line is None:
+            drawn |= inside
+            continue
+        width = max(1, round(line * size))
+        outside = (~inside).float()[None, None]
+        near_outside = torch.nn.functional.max_pool2d(outside, 2 * width + 1, stride=1, padding=width)[0, 0] > 0
+        drawn |= inside & near_outside
+    return torch.where(drawn[..., None], 0.0, 1.0).expand(size, size, 3).contiguous()
 
 
 def object_mask(images: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:

@@ -503,16 +503,16 @@ def sample(
     seed: int = 0,
     steps: int = SAMPLING_STEPS,
     cfg: float = SAMPLING_CFG,
-    negative: str = "",
+    negative="",
     size: int = IMAGE_SIZE,
     sampler: str = SAMPLER,
     width: int | None = None,
 ):
-    """One image ``[size, width, 3]`` (``width`` default ``size``) for ``prompt`` (a text, or ready CONDITIONING) the
-    way KSampler makes it (``sampler``, :data:`SCHEDULER` schedule; the noise an ancestral sampler adds is seeded by
-    ``seed`` too), decoded by ``vae``."""
+    """One image ``[size, width, 3]`` (``width`` default ``size``) for ``prompt`` and ``negative`` (each a text, or
+    ready CONDITIONING) the way KSampler makes it (``sampler``, :data:`SCHEDULER` schedule; the noise an ancestral
+    sampler adds is seeded by ``seed`` too), decoded by ``vae``."""
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt)) if isinstance(prompt, str) else prompt
-    negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative)) if isinstance(negative, str) else negative
     latent = torch.zeros(1, 4, size // 8, (width or size) // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(

@@ -148,3 +148,42 @@ def test_openpose_refuses_annotator_files_that_carry_code(tmp_path, monkeypatch)
     with pytest.raises(ModelFileError, match=r"Refused to load 'body_pose_model.pth'.*run arbitrary code"):
         layout(square_image(), "openpose", annotator_dir=str(tmp_path))
     assert ran == [], "nothing from the file ran"
+
+
+def test_the_world_sketch_controlnet_starts_as_no_change_trains_and_core_loads_it(small_model, tmp_path, comfy_nodes):
+    """The small world's sketch ControlNet recipe (devkit.world_control) on the small SD1.x model (the world model's
+    layout, random weights; core's loader detects no ControlNet for the tiny one): built from the UNet it adds exactly
+    nothing; a few steps leave the UNet untouched and make residuals that change the sample; the file it writes is
+    what core ControlNetLoader's loader reads as an SD1.x ControlNet."""
+    import comfy.utils
+
+    from mixofshow.devkit import world, world_control, world_model
+
+    model, clip, vae = small_model
+    unet = model.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    fresh = world_control.controlnet_for(unet, model.model.model_config.unet_config, seed=1)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+    scene = world.Scene("grey", (world.Thing("square", "red", position="left", size=0.4),))
+    hint = world_control.hints_of([scene], 64)
+    with torch.no_grad():
+        residuals = fresh(x=x, hint=hint, timesteps=t, context=context)
+        assert all(not r.any() for r in residuals["output"] + residuals["middle"]), "a new ControlNet adds nothing"
+        assert torch.equal(unet(x, t, context=context, control=residuals), unet(x, t, context=context))
+
+    settings = world_control.ControlSettings(image_size=64, scenes=4, steps=3, batch=2, warmup=1, lr=1e-3)
+    state, info = world_control.train_controlnet(model, clip, vae, settings, report=lambda line: None)
+    assert len(info["losses"]) == 1 and all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    assert all(p.requires_grad for p in unet.parameters()), "the UNet's parameters are given back as they were"
+    path = str(tmp_path / "sketch_control.safetensors")
+    comfy.utils.save_torch_file(state, path)
+    control = world_control.load_world_controlnet(path)
+    assert isinstance(control.control_model, ControlNet)
+
+    positive = comfy_nodes.CLIPTextEncode().encode(clip, "a red square on the left")[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+    controlled = world_control.apply_control(positive, negative, control, hint.permute(0, 2, 3, 1), 1.0)
+    plain = world_model.sample(model, clip, vae, positive, negative=negative, steps=3, size=64)
+    steered = world_model.sample(model, clip, vae, controlled[0], negative=controlled[1], steps=3, size=64)
+    assert plain.shape == steered.shape == (64, 64, 3) and not torch.equal(plain, steered)

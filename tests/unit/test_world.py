@@ -30,6 +30,7 @@ from mixofshow.devkit.world import (
     random_scene,
     render,
     shape_of,
+    sketch,
 )
 
 
@@ -339,3 +340,25 @@ def test_the_world_text_encoder_keeps_each_word_its_own_unless_told_to_mix():
             assert rest > 0.01
         else:
             assert rest == 0.0
+
+
+def test_a_sketch_outlines_or_fills_each_object_where_the_render_draws_it():
+    scene = Scene(
+        "sand",
+        (
+            Thing("circle", "red", position="left", size=SIZES[3]),
+            Thing("triangle", "blue", "striped", "white", position="centre", size=SIZES[3]),
+            Thing("diamond", "green", position="right", size=SIZES[3]),
+        ),
+    )
+    drawing, image = sketch(scene, 128), render(scene, 128)
+    lines = drawing[..., 0] < 0.5
+    assert torch.equal(drawing[..., 0], drawing[..., 2]), "no colour: lines and paper only"
+    assert (lines <= object_mask(image)).all(), "every line lies on an object"
+    for position in POSITIONS:  # each object is outlined across its whole width and nothing inside is drawn
+        columns = slice(round((POSITIONS[position] - 0.15) * 128), round((POSITIONS[position] + 0.15) * 128))
+        inside, drawn = object_mask(image)[:, columns], lines[:, columns]
+        assert drawn.any(dim=0).sum() == inside.any(dim=0).sum()
+        assert not lines[64, round(POSITIONS[position] * 128)], "an outline, not a silhouette"
+    assert sketch(scene, 128, line=0.05)[..., 0].lt(0.5).sum() > lines.sum(), "thicker lines draw more"
+    assert torch.equal(sketch(scene, 128, line=None)[..., 0] < 0.5, object_mask(image)), "filled: exactly the objects"
