@@ -13,7 +13,8 @@ concept named by a plain word) for the LoRA rows. Then, one run, side by side:
   shows its own concept (and how much of it is in that concept's colours), against the same prompt without regions,
   with each concept in a strip of one square image and in a square panel of its own (``regional``'s layouts), on
   ``--regional-background``; then the same layouts asked of the base model in words, the control that separates
-  what regions place from what the adapters draw;
+  what regions place from what the adapters draw; with ``--sketch``, each of these again with the world's sketch
+  ControlNet placing each concept where its box is (the paper's layout condition; ``make world`` trains it);
 * a picture grid (``--grid``, default ``docs/images/world_grid.png``).
 
 Evaluation prompts put each concept at a position on a background it was never trained with there. Training and
@@ -26,6 +27,7 @@ Usage: ``$PYTHON benchmarks/bench_world.py [--concepts 10] [--seeds 1] [--steps 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -41,9 +43,10 @@ METHODS = ("LoRA + WF", "ED-LoRA + WF", "ED-LoRA + GF lbfgs", "ED-LoRA + GF exac
 LAYOUTS = ("strips", "panels")  # see regional()
 
 
-def regional_part(layout: str, words: bool = False) -> str:
+def regional_part(layout: str, words: bool = False, sketch: bool = False) -> str:
     """The results key of one regional measurement ("regional" and "regional, base in words" are the strips')."""
-    return "regional" + (", base in words" if words else "") + ("" if layout == "strips" else f", {layout}")
+    where = ("" if layout == "strips" else f", {layout}") + (", sketch" if sketch else "")
+    return "regional" + (", base in words" if words else "") + where
 
 
 def entries(concepts, trained, kind: str):
@@ -141,6 +144,7 @@ def regional(
     kind: str = "edlora",
     layout: str = "strips",
     background: str | None = None,
+    control=None,
 ) -> dict:
     """Per group size and mode (with regions, and the same prompt alone): boxes showing their own concept (in all and
     per concept, ``"by concept": name -> (named, boxes)``), images with every box right, and the summed share of each
@@ -150,11 +154,14 @@ def regional(
     strip per concept, each region prompt placing its concept on its side; "panels" gives each concept a square box
     of the model's own image size on a canvas as wide as all of them, each region prompt the centred caption the
     concepts were trained with (the global prompt is the same in both). ``background`` defaults to
-    ``world_concepts.REGIONAL_BACKGROUND``."""
-    from mixofshow.devkit import world, world_model
+    ``world_concepts.REGIONAL_BACKGROUND``. ``control``, the world's sketch ControlNet (loaded), adds the layout as the
+    paper does, to both modes alike: each concept outlined where its box asks for it (:func:`devkit.world.sketch`
+    of the strips' scene; :func:`devkit.world_control.panels_sketch`), through core ControlNetApplyAdvanced."""
+    from mixofshow.devkit import world, world_control, world_model
     from mixofshow.devkit.world_concepts import REGIONAL_BACKGROUND, ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
     from mixofshow.regional.conditioning import regional_conditioning
+    from mixofshow.regional.layout import sketch_map
     from mixofshow.regional.spec import Box, Region
 
     size = world_model.IMAGE_SIZE
@@ -185,11 +192,22 @@ def regional(
         canvas_width = size if layout == "strips" else size * len(group)
         with world_model.cpu_autocast():
             regional_model, positive, _ = regional_conditioning(model, clip, caption, "", regions, stack)
-            plain_positive = encode_prompt(clip, stack, caption)
+            negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))  # what sample() asks with a text
+            plain = (encode_prompt(clip, stack, caption), negative)
+        if control is not None:
+            if layout == "strips":
+                things = (c.thing(p, world.SIZES[len(group)]) for c, p in zip(group, positions, strict=True))
+                drawing = world.sketch(world.Scene(background, tuple(things)), size)
+            else:
+                by_place = dict(zip(positions, group, strict=True))
+                drawing = world_control.panels_sketch([by_place[p] for p in sorted(strips, key=strips.get)], size)
+            hint = sketch_map(drawing)[None]
+            positive, negative = world_control.apply_control(positive, negative, control, hint)
+            plain = world_control.apply_control(*plain, control, hint)
         for seed in range(seeds):
-            for mode, m, cond in (("regions", regional_model, positive), ("prompt only", model, plain_positive)):
+            for mode, m, cond in (("regions", regional_model, (positive, negative)), ("prompt only", model, plain)):
                 with world_model.cpu_autocast():
-                    image = world_model.sample(m, clip, vae, cond, seed=seed, width=canvas_width)
+                    image = world_model.sample(m, clip, vae, cond[0], negative=cond[1], seed=seed, width=canvas_width)
                 cut = [round(i * canvas_width / len(group)) for i in range(len(group) + 1)]
                 boxes = [(c, image[:, cut[strips[p]] : cut[strips[p] + 1]]) for c, p in zip(group, positions, strict=True)]
                 hits = [world.identify(box) == c.name for c, box in boxes]
@@ -266,6 +284,11 @@ def main() -> int:
     parser.add_argument("--grid", default=os.path.join(REPO_ROOT, "docs", "images", "world_grid.png"))
     parser.add_argument("--skip-table", action="store_true", help="regional sampling only (needs, and trains, only the ED-LoRAs)")
     parser.add_argument(
+        "--sketch",
+        action="store_true",
+        help="also measure each regional layout with the world's sketch ControlNet placing the concepts (make world trains it)",
+    )
+    parser.add_argument(
         "--layouts",
         default=",".join(LAYOUTS),
         help=f"the regional layouts to measure, comma-separated (default: {','.join(LAYOUTS)}; see regional())",
@@ -288,7 +311,7 @@ def main() -> int:
     load_pack()
     import torch
 
-    from mixofshow.devkit import world, world_model
+    from mixofshow.devkit import world, world_control, world_model
     from mixofshow.devkit.world_concepts import REGIONAL_BACKGROUND, WORLD_RECIPE, train_concepts
     from mixofshow.edlora.concepts import ConceptSet
 
@@ -296,6 +319,15 @@ def main() -> int:
     if path is None:
         print("The world model is not cached; train it first with 'make world' (32-49 minutes on two CPU cores).")
         return 1
+    control = None
+    if args.sketch:
+        control_path = world_control.cached_world_controlnet(path)
+        if control_path is None:
+            print(
+                "--sketch: no sketch ControlNet trained on this world model; 'make world' trains it (15 minutes with bfloat16)."
+            )
+            return 1
+        control = world_control.load_world_controlnet(control_path)
     started = time.time()
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -390,15 +422,26 @@ def main() -> int:
             # each layout on the fused concepts, then asked of the base model in words: what regions do where the
             # model can draw the concept
             for layout in layouts:
-                for part, mm, cc, ss, kind in (
-                    (regional_part(layout), m, c, stack, "edlora"),
-                    (regional_part(layout, words=True), model, clip, ConceptSet(), "words"),
-                ):
-                    results[part] = regional(
-                        mm, cc, vae, ss, groups, args.seeds + 1, regional_pictures, kind, layout, args.regional_background
-                    )
-                    save()
-                    print(f"{part}: {results[part]} ({time.time() - started:.0f} s)")
+                for sketched in (False, True) if control is not None else (False,):
+                    for part, mm, cc, ss, kind in (
+                        (regional_part(layout, sketch=sketched), m, c, stack, "edlora"),
+                        (regional_part(layout, words=True, sketch=sketched), model, clip, ConceptSet(), "words"),
+                    ):
+                        results[part] = regional(
+                            mm,
+                            cc,
+                            vae,
+                            ss,
+                            groups,
+                            args.seeds + 1,
+                            regional_pictures,
+                            kind,
+                            layout,
+                            args.regional_background,
+                            control if sketched else None,
+                        )
+                        save()
+                        print(f"{part}: {results[part]} ({time.time() - started:.0f} s)")
 
     draw(pictures, regional_pictures)
     results["seconds"] = round(time.time() - started)
@@ -427,7 +470,7 @@ def print_tables(results: dict) -> None:
                     else f"{r['identity']:>7.0%} {r['colours']:>5.0%} {r['alignment']:>5.0%} {r.get('drift', 0.0):>7.3f}"
                 )
             print(f"{method:<22}" + "".join(cells))
-    for part in [regional_part(layout, words) for layout in LAYOUTS for words in (False, True)]:
+    for part in [regional_part(*p) for p in itertools.product(LAYOUTS, (False, True), (False, True))]:
         for size, modes in results.get(part, {}).items():
             line = "  ".join(
                 f"{mode}: {m['hits'] / m['boxes']:.0%} of boxes, {m['all'] / m['images']:.0%} of images all right, "
