@@ -155,8 +155,9 @@ def regional(
     of the model's own image size on a canvas as wide as all of them, each region prompt the centred caption the
     concepts were trained with (the global prompt is the same in both). ``background`` defaults to
     ``world_concepts.REGIONAL_BACKGROUND``. ``control``, the world's sketch ControlNet (loaded), adds the layout as the
-    paper does, to both modes alike: each concept outlined where its box asks for it (:func:`devkit.world.sketch`
-    of the strips' scene; :func:`devkit.world_control.panels_sketch`), through core ControlNetApplyAdvanced."""
+    paper does, to both modes alike: each concept's shape drawn where its box asks for it
+    (:func:`devkit.world_control.layout_drawing` of the strips' scene; ``panels_sketch``), through core
+    ControlNetApplyAdvanced."""
     from mixofshow.devkit import world, world_control, world_model
     from mixofshow.devkit.world_concepts import REGIONAL_BACKGROUND, ed_subject, phrase
     from mixofshow.edlora.encode import encode_prompt
@@ -197,7 +198,7 @@ def regional(
         if control is not None:
             if layout == "strips":
                 things = (c.thing(p, world.SIZES[len(group)]) for c, p in zip(group, positions, strict=True))
-                drawing = world.sketch(world.Scene(background, tuple(things)), size)
+                drawing = world_control.layout_drawing(world.Scene(background, tuple(things)), size)
             else:
                 by_place = dict(zip(positions, group, strict=True))
                 drawing = world_control.panels_sketch([by_place[p] for p in sorted(strips, key=strips.get)], size)

@@ -70,18 +70,23 @@ class ControlSettings:
 LAYOUT_LINE = None
 
 
+def layout_drawing(scene: world.Scene, size: int = world_model.IMAGE_SIZE) -> torch.Tensor:
+    """``[size, size, 3]`` the layout drawing of ``scene`` in the style the ControlNet is trained on (dark on white,
+    :data:`LAYOUT_LINE`): every drawing it is given, in training, readback and benchmark, comes from here."""
+    return world.sketch(scene, size, LAYOUT_LINE)
+
+
 def hints_of(scenes: list[world.Scene], size: int = world_model.IMAGE_SIZE) -> torch.Tensor:
-    """``[N, 3, size, size]`` hints of ``scenes``: each scene's layout drawing (:func:`devkit.world.sketch`) through
-    the pack's sketch layout method (what ``MoS Layout From Image`` gives ControlNet Apply)."""
-    drawings = [sketch_map(world.sketch(s, size, LAYOUT_LINE)) for s in scenes]
-    return torch.stack(drawings).permute(0, 3, 1, 2).contiguous()
+    """``[N, 3, size, size]`` hints of ``scenes``: each scene's :func:`layout_drawing` through the pack's sketch
+    layout method (what ``MoS Layout From Image`` gives ControlNet Apply)."""
+    return torch.stack([sketch_map(layout_drawing(s, size)) for s in scenes]).permute(0, 3, 1, 2).contiguous()
 
 
 def panels_sketch(concepts, size: int = world_model.IMAGE_SIZE) -> torch.Tensor:
-    """``[size, size * len(concepts), 3]`` layout drawing of concepts side by side, each outlined at the centre of its
+    """``[size, size * len(concepts), 3]`` layout drawing of concepts side by side, each drawn at the centre of its
     own ``size`` square panel at the size the concepts are trained at (what the benchmark's panels ask for, left to
     right)."""
-    return torch.cat([world.sketch(world.Scene("white", (c.thing("centre"),)), size, LAYOUT_LINE) for c in concepts], dim=1)
+    return torch.cat([layout_drawing(world.Scene("white", (c.thing("centre"),)), size) for c in concepts], dim=1)
 
 
 def controlnet_for(unet: torch.nn.Module, unet_config: dict, seed: int) -> comfy.cldm.cldm.ControlNet:
@@ -183,10 +188,15 @@ def train_controlnet(
     return state, info
 
 
+def controlnet_path(checkpoint: str) -> str:
+    """Where the sketch ControlNet of the world checkpoint at ``checkpoint`` is cached: beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), CONTROLNET_NAME)
+
+
 def cached_world_controlnet(checkpoint: str) -> str | None:
     """The sketch ControlNet cached beside the world checkpoint at ``checkpoint`` and trained on it, or None (none
     trained, or trained on another world model)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), CONTROLNET_NAME)
+    path = controlnet_path(checkpoint)
     if not os.path.isfile(path):
         return None
     from safetensors import safe_open

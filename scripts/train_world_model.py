@@ -36,14 +36,12 @@ def main() -> int:
     from mixofshow.devkit import world_control, world_model
 
     path = args.out or os.path.join(world_model.cache_dir(), world_model.CHECKPOINT_NAME)
-    control_path = os.path.join(os.path.dirname(path), world_control.CONTROLNET_NAME)
     settings, control_settings = world_model.WorldSettings(), world_control.ControlSettings()
     report = lambda line: print(line, flush=True)  # noqa: E731
     if args.quick:
         settings = world_model.WorldSettings(scenes=64, vae_steps=20, unet_coarse_steps=10, unet_steps=10, warmup=5)
         control_settings = world_control.ControlSettings(scenes=16, steps=3, batch=4, warmup=1)
         path = args.out or os.path.join(tempfile.mkdtemp(), world_model.CHECKPOINT_NAME)
-        control_path = os.path.join(os.path.dirname(path), world_control.CONTROLNET_NAME)
     elif args.readback:
         if not os.path.isfile(path):
             print(f"no world model at {path}; train it first")
@@ -60,6 +58,7 @@ def main() -> int:
         attributes = readback(world_model, model, clip, vae)
         loaded_as = type(model.model.model_config).__name__
         print(json.dumps({**info, "path": path, "loaded_as": loaded_as, "attributes": attributes}))
+    control_path = world_control.controlnet_path(path)
     if world_control.cached_world_controlnet(path) is not None and not args.force:
         print(f"sketch ControlNet already cached: {control_path}")
         return 0
